@@ -1,0 +1,150 @@
+"""Probe, training and evaluation data.
+
+Two sources: scikit-learn's digits (ships inside the dependency, so the default
+run downloads nothing) and a user's ImageFolder directory (`--data DIR`). Both
+become the same `Dataset`: uint8 images at the zoo's resolution in four
+disjoint-by-purpose splits: train (the embedded zoo trains on it), probe
+(similarity features and stitch fitting, a subset of train), val (held out:
+stitch R^2 and quality-model calibration) and test (held out: every accuracy in
+the report).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cache import content_key
+from .errors import USAGE, DeryError
+
+SPLITS = ("train", "probe", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Images as uint8 N x 3 x H x W, labels as int64 N (or None when unlabelled)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A named, fingerprinted set of splits at one resolution."""
+
+    name: str
+    fingerprint: str
+    resolution: int
+    classes: tuple[str, ...]
+    splits: dict[str, Split] = field(repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def labelled(self) -> bool:
+        return self.splits["test"].labels is not None
+
+    def split(self, name: str) -> Split:
+        return self.splits[name]
+
+    def batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Float images in [0, 1] and labels, in order, `batch_size` at a time."""
+        s = self.splits[split]
+        for i in range(0, len(s), batch_size):
+            x = s.images[i:i + batch_size].float().div_(255.0)
+            y = s.labels[i:i + batch_size] if s.labels is not None else None
+            yield x, y
+
+    def images(self, split: str, limit: int | None = None) -> torch.Tensor:
+        """All float images of a split in [0, 1] (at most `limit`)."""
+        s = self.splits[split]
+        return s.images[:limit].float().div_(255.0)
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def _partition(n: int, seed: int, test: float, val: float, probe: int) -> dict[str, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = int(round(n * test)), int(round(n * val))
+    test_idx, val_idx, train_idx = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    return {"train": train_idx, "probe": train_idx[:probe], "val": val_idx, "test": test_idx}
+
+
+def digits(resolution: int = 32, *, probe: int = 256, seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes), resized to `resolution`, 3 channels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    images = _to_uint8(x.repeat(1, 3, 1, 1))
+    labels = torch.tensor(d.target, dtype=torch.int64)
+    idx = _partition(len(images), seed, test=0.25, val=0.15, probe=probe)
+    splits = {k: Split(images[v], labels[v]) for k, v in idx.items()}
+    fp = content_key("digits", resolution, probe, seed, 1)
+    return Dataset("digits", fp, resolution, tuple(str(i) for i in range(10)), splits)
+
+
+def image_folder(root: Path, resolution: int, *, probe: int = 256, limit: int = 4000, seed: int = 0) -> Dataset:
+    """An ImageFolder directory (one sub-folder per class), resized and centre-cropped.
+
+    The class order is the sorted folder names, as torchvision's ImageFolder
+    orders them; accuracy is meaningful only when that order matches the zoo's
+    classifier outputs.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DeryError(f"--data {root}: not a directory; give an ImageFolder directory (one sub-folder per class)",
+                        exit_code=USAGE)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).rglob("*"))
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DeryError(f"--data {root}: no images found (expected {root}/<class>/<image>.jpg|png|...)",
+                        exit_code=USAGE)
+    rng = np.random.default_rng(seed)
+    if len(files) > limit:
+        keep = np.sort(rng.choice(len(files), size=limit, replace=False))
+        files = [files[i] for i in keep]
+    stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f, _ in files]
+    fp = content_key("imagefolder", str(root.resolve()), stats, resolution, probe, limit, seed, 1)
+    resize = int(round(resolution / 0.875))
+    arrays = []
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                s = resize / min(w, h)
+                im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - resolution) // 2, (h - resolution) // 2
+                arrays.append(np.asarray(im.crop((left, top, left + resolution, top + resolution))))
+        except (OSError, UnidentifiedImageError) as e:
+            raise DeryError(f"--data: cannot read image {f}: {e}", exit_code=USAGE) from e
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
+    idx = _partition(len(images), seed, test=0.3, val=0.15, probe=probe)
+    splits = {k: Split(images[v], labels[v]) for k, v in idx.items()}
+    return Dataset(f"imagefolder:{root.name}", fp, resolution, tuple(classes), splits)
+
+
+def load_data(data_dir: Path | None, resolution: int, *, probe: int = 256, seed: int = 0) -> Dataset:
+    """`--data DIR` if given, else the embedded digits at the zoo's resolution."""
+    if data_dir is None:
+        return digits(resolution, probe=probe, seed=seed)
+    return image_folder(data_dir, resolution, probe=probe, seed=seed)

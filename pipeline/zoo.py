@@ -1,0 +1,337 @@
+"""The model zoo: presets, timm names and checkpoints, loaded as `Network`s.
+
+A zoo spec is a comma-separated list; each item is one of
+  default              a preset: small timm classifiers dery trains itself on the data
+  resnet50             a timm architecture with its pretrained weights (timm's loader,
+                       Hugging Face cache; works offline once the weights are cached)
+  resnet50:random      a timm architecture with seeded random weights (latency work only)
+  resnet50=PATH        a timm architecture with weights from a local checkpoint file
+  PATH.pt              a checkpoint written by dery (it records its own architecture)
+Every network is wrapped with its own input normalisation, so blocks taken from
+networks that expect different mean/std still see what they were trained on.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import progress
+from .cache import Cache, content_key
+from .data import Dataset
+from .errors import USAGE, DeryError
+
+CHECKPOINT_FORMAT = "dery.checkpoint/1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How dery trains an embedded member: AdamW + one-cycle, random shifts of up to 2 px."""
+
+    epochs: int
+    lr: float
+    batch: int = 64
+    weight_decay: float = 0.05
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One zoo entry before loading. `weights`: 'train', 'pretrained', 'random' or a file path."""
+
+    name: str
+    arch: str
+    weights: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    recipe: Recipe | None = None
+    resolution: int | None = None  # native input size when it is not the timm default
+
+
+_DIGITS_MEMBERS = (
+    MemberSpec("resnet", "resnet18", "train",
+               (("channels", (16, 32, 64, 128)), ("layers", (1, 1, 1, 1)), ("stem_width", 16)),
+               Recipe(epochs=15, lr=2e-3), 32),
+    MemberSpec("resnet_wide", "resnet18", "train",
+               (("channels", (32, 64, 128, 256)), ("stem_width", 32)),
+               Recipe(epochs=12, lr=2e-3), 32),
+    MemberSpec("convnext", "convnext_atto", "train",
+               (("depths", (1, 1, 2, 1)), ("dims", (24, 48, 96, 192))),
+               Recipe(epochs=15, lr=2e-3), 32),
+    MemberSpec("mobilenetv3", "mobilenetv3_small_050", "train", (),
+               Recipe(epochs=20, lr=5e-3), 32),
+    MemberSpec("vit", "vit_tiny_patch16_224", "train",
+               (("img_size", 32), ("patch_size", 8), ("embed_dim", 64), ("depth", 4), ("num_heads", 2),
+                ("mlp_ratio", 2.0)),
+               Recipe(epochs=30, lr=3e-3), 32),
+)
+
+PRESETS: dict[str, tuple[MemberSpec, ...]] = {"default": _DIGITS_MEMBERS}
+
+
+class Normalized(nn.Module):
+    """A classifier with its own input normalisation in front: takes images in [0, 1]."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """A loaded zoo member: eval-mode module taking [0, 1] images of `input_shape`."""
+
+    name: str
+    spec: MemberSpec
+    module: Normalized = field(repr=False)
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    weights_key: str
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+def _timm():
+    import timm
+
+    from . import models  # noqa: F401  (registers dery's own architectures with timm)
+
+    return timm
+
+
+def _unknown(item: str) -> DeryError:
+    timm = _timm()
+    close = difflib.get_close_matches(item, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return DeryError(f"unknown model {item!r}: not a zoo preset ({', '.join(sorted(PRESETS))}), not a timm "
+                     f"architecture and not a checkpoint file{hint} (timm.list_models() lists the architectures)",
+                     exit_code=USAGE)
+
+
+def parse_zoo(spec: str | None) -> tuple[MemberSpec, ...]:
+    """Turn a `--zoo` string into member specs (no loading yet); unknown names list the valid ones."""
+    items = [s.strip() for s in (spec or "default").split(",") if s.strip()]
+    if not items:
+        raise DeryError("--zoo is empty; give a preset (default) or timm names", exit_code=USAGE)
+    timm = _timm()
+    members: list[MemberSpec] = []
+    for item in items:
+        if item in PRESETS:
+            members.extend(PRESETS[item])
+        elif "=" in item:
+            arch, path = item.split("=", 1)
+            if not timm.is_model(arch):
+                raise _unknown(arch)
+            if not Path(path).expanduser().is_file():
+                raise DeryError(f"--zoo {item}: checkpoint {path} does not exist", exit_code=USAGE)
+            members.append(MemberSpec(arch, arch, str(Path(path).expanduser())))
+        elif item.endswith(":random"):
+            arch = item[: -len(":random")]
+            if not timm.is_model(arch):
+                raise _unknown(arch)
+            members.append(MemberSpec(arch, arch, "random"))
+        elif Path(item).expanduser().is_file():
+            members.append(_spec_from_checkpoint(Path(item).expanduser()))
+        elif timm.is_model(item):
+            members.append(MemberSpec(item, item, "pretrained"))
+        else:
+            raise _unknown(item)
+    seen: dict[str, int] = {}
+    unique = []
+    for m in members:
+        seen[m.name] = seen.get(m.name, 0) + 1
+        unique.append(m if seen[m.name] == 1 else MemberSpec(**{**m.__dict__, "name": f"{m.name}#{seen[m.name]}"}))
+    return tuple(unique)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DeryError(f"cannot load checkpoint {path}: {e}", exit_code=USAGE) from e
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
+        raise DeryError(f"{path} is not a dery checkpoint (no architecture recorded); pass it as ARCH={path}",
+                        exit_code=USAGE)
+    return ckpt
+
+
+def _spec_from_checkpoint(path: Path) -> MemberSpec:
+    ckpt = _read_checkpoint(path)
+    return MemberSpec(str(ckpt["name"]), str(ckpt["arch"]), str(path), tuple(map(tuple, ckpt["kwargs"])),
+                      None, ckpt.get("resolution"))
+
+
+def _kwargs(spec: MemberSpec) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.kwargs}
+
+
+def _state_key(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def train(module: Normalized, data: Dataset, recipe: Recipe, label: str) -> None:
+    """Train a freshly initialised member on the data's train split (deterministic for a seed)."""
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    split = data.split("train")
+    n = len(split)
+    steps_per_epoch = (n + recipe.batch - 1) // recipe.batch
+    opt = torch.optim.AdamW(module.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
+    images = split.images.float().div_(255.0)
+    module.train()
+    with progress.task(f"training {label}", recipe.epochs) as advance:
+        for _ in range(recipe.epochs):
+            order = torch.randperm(n, generator=gen)
+            total = 0.0
+            for i in range(0, n, recipe.batch):
+                idx = order[i:i + recipe.batch]
+                loss = F.cross_entropy(module(_shift(images[idx], gen)), split.labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss) * len(idx)
+            advance(note=f"loss {total / n:.3f}")
+    module.eval()
+
+
+def _build(spec: MemberSpec, num_classes: int | None, pretrained: bool = False) -> nn.Module:
+    timm = _timm()
+    kwargs = _kwargs(spec)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        return timm.create_model(spec.arch, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if not pretrained:
+            raise DeryError(f"cannot build timm model {spec.arch} with {kwargs}: {e}", exit_code=USAGE) from e
+        raise DeryError(
+            f"cannot load pretrained weights for {spec.arch} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"timm fetches them from the Hugging Face hub into its cache, which needs network once. Put the "
+            f"weights in the cache, pass a local file as {spec.arch}=PATH, or use {spec.arch}:random for "
+            f"latency-only work", exit_code=USAGE) from e
+
+
+def _wrap(net: nn.Module, spec: MemberSpec) -> Normalized:
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    if spec.weights == "train":
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    else:
+        mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return Normalized(net, mean, std).eval()
+
+
+def input_shape(spec: MemberSpec, net: nn.Module) -> tuple[int, int, int]:
+    """The member's native input (C, H, W)."""
+    if spec.resolution is not None:
+        return (3, spec.resolution, spec.resolution)
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    return (int(c), int(h), int(w))
+
+
+def native_resolution(specs: tuple[MemberSpec, ...]) -> int:
+    """The one input resolution every member expects; mixed resolutions are an error."""
+    found = {}
+    for s in specs:
+        if s.resolution is not None:
+            found[s.name] = s.resolution
+        else:
+            cfg = _timm().get_pretrained_cfg(s.arch)
+            found[s.name] = int(cfg.input_size[-1]) if cfg is not None else 224
+    if len(set(found.values())) > 1:
+        listing = ", ".join(f"{k}: {v}px" for k, v in found.items())
+        raise DeryError(f"zoo members expect different input resolutions ({listing}); use members of one "
+                        f"resolution", exit_code=USAGE)
+    return next(iter(found.values()))
+
+
+def load_member(spec: MemberSpec, data: Dataset, cache: Cache) -> Network:
+    """Build one member's weights: train it (cached), load a checkpoint, pretrained or seeded random."""
+    if spec.weights == "train":
+        key = content_key("zoo", spec.arch, spec.kwargs, spec.recipe, data.fingerprint, torch.__version__.split("+")[0])
+        def make() -> Normalized:
+            m = _wrap(_build(spec, data.num_classes), spec)
+            train(m, data, spec.recipe, spec.name)
+            return m
+
+        def save(m: Normalized, p: Path) -> None:
+            torch.save({"format": CHECKPOINT_FORMAT, "name": spec.name, "arch": spec.arch,
+                        "kwargs": [list(kv) for kv in spec.kwargs], "resolution": spec.resolution,
+                        "num_classes": data.num_classes, "mean": m.mean.flatten().tolist(),
+                        "std": m.std.flatten().tolist(), "state_dict": m.net.state_dict()}, p)
+
+        module = cache.get_or_make("zoo", f"{spec.name}-{key}", ".pt", make=make, save=save,
+                                   load=lambda p: _load_dery_checkpoint(spec, p), what="trained zoo member")
+    elif spec.weights == "pretrained":
+        module = _wrap(_build(spec, None, pretrained=True), spec)
+    elif spec.weights == "random":
+        torch.manual_seed(int(content_key(spec.arch)[:8], 16))
+        module = _wrap(_build(spec, None), spec)
+    else:
+        module = _load_file(spec, Path(spec.weights))
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    shape = input_shape(spec, module.net)
+    with torch.no_grad():
+        num_classes = int(module(torch.zeros(1, *shape)).shape[-1])
+    return Network(spec.name, spec, module, shape, num_classes, _state_key(module))
+
+
+def _load_dery_checkpoint(spec: MemberSpec, path: Path) -> Normalized:
+    ckpt = _read_checkpoint(path)
+    net = _build(MemberSpec(spec.name, ckpt["arch"], "train", tuple(map(tuple, ckpt["kwargs"]))),
+                 int(ckpt["num_classes"]))
+    net.load_state_dict(ckpt["state_dict"])
+    return Normalized(net, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
+
+
+def _load_file(spec: MemberSpec, path: Path) -> Normalized:
+    try:
+        head = torch.load(path, map_location="cpu", weights_only=True) if path.suffix != ".safetensors" else None
+    except Exception as e:
+        raise DeryError(f"cannot load checkpoint {path}: {e}", exit_code=USAGE) from e
+    if isinstance(head, dict) and head.get("format") == CHECKPOINT_FORMAT:
+        return _load_dery_checkpoint(spec, path)
+    from timm.models import load_checkpoint
+
+    net = _build(spec, None)
+    try:
+        load_checkpoint(net, str(path), strict=True)
+    except Exception as e:
+        raise DeryError(f"checkpoint {path} does not fit {spec.arch}: {str(e).splitlines()[0][:300]}",
+                        exit_code=USAGE) from e
+    return _wrap(net, spec)
+
+
+def load_zoo(specs: tuple[MemberSpec, ...], data: Dataset, cache: Cache) -> tuple[Network, ...]:
+    """Load every member; all must agree on the input shape."""
+    nets = tuple(load_member(s, data, cache) for s in specs)
+    shapes = {n.input_shape for n in nets}
+    if len(shapes) > 1:
+        raise DeryError("zoo members expect different input shapes: "
+                        + ", ".join(f"{n.name} {n.input_shape}" for n in nets), exit_code=USAGE)
+    return nets
