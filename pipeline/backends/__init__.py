@@ -1,0 +1,76 @@
+"""Latency and compile backends: one module each, heavy dependencies imported lazily.
+
+A backend measures a piece of network (a block, a stitch, a whole engine) by
+the shared method of dery.measure, builds a deployable engine file from the
+assembled network, loads and runs such a file, and says whether it can run
+here and, if not, why.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx
+import torch.nn as nn
+
+from ..errors import USAGE, DeryError
+from ..measure import Method, Timing
+from ..targets import Target
+
+MODULES = {
+    "onnxruntime": "dery.backends.onnxruntime",
+    "torch-cuda": "dery.backends.torch_cuda",
+    "tensorrt": "dery.backends.tensorrt",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Piece:
+    """Something to measure: its ONNX graph and (for torch backends) a way to get the module."""
+
+    name: str
+    fingerprint: str
+    input_shape: tuple[int, ...]
+    onnx: onnx.ModelProto
+    module: Callable[[], nn.Module]
+
+
+class Runner(Protocol):
+    """A loaded engine: call it on a batch of inputs."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class Backend(Protocol):
+    """What every backend module provides (as module-level functions)."""
+
+    NAME: str
+    ENGINE_SUFFIX: str
+
+    def unavailable(self, target: Target) -> str | None: ...
+    def version(self) -> str: ...
+    def measure(self, piece: Piece, target: Target, method: Method) -> Timing: ...
+    def build_engine(self, model: onnx.ModelProto, module: nn.Module, input_shape: tuple[int, ...],
+                     path: Path, target: Target) -> Path: ...
+    def load_engine(self, path: Path, target: Target) -> Runner: ...
+    def time_engine(self, path: Path, target: Target, method: Method) -> Timing: ...
+
+
+def get_backend(name: str) -> Backend:
+    """The backend module by name; an unknown name lists the known ones."""
+    if name not in MODULES:
+        raise DeryError(f"unknown backend {name!r}; known backends: {', '.join(MODULES)}", exit_code=USAGE)
+    return importlib.import_module(MODULES[name])  # type: ignore[return-value]
+
+
+def require(target: Target) -> Backend:
+    """The target's backend, or a one-line error saying what is missing here."""
+    backend = get_backend(target.backend)
+    reason = backend.unavailable(target)
+    if reason is not None:
+        raise DeryError(f"target {target.name} cannot run here: {reason}")
+    return backend

@@ -1,0 +1,182 @@
+"""profile: the latency of every block, stitch and whole zoo member on the target.
+
+Blocks are cut out of each network's ONNX export, stitches out of one export of
+all stitches, whole networks are their ONNX with the extra outputs dropped.
+Each piece has a fingerprint (what decides its latency), so the profile store
+answers for pieces measured before, by this run or on another machine; only
+what is missing is measured, and each new record is saved at once.
+
+When the target's device is not here, stored records are used; anything
+missing is an error that lists the pieces and the command that measures them
+on the right device.
+"""
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+import torch.nn as nn
+
+from dery import progress
+from dery.backends import Backend, Piece, get_backend
+from dery.cache import Cache, content_key
+from dery.errors import DeryError
+from dery.ir import LatencyRecord, Partition
+from dery.measure import Method
+from dery.onnx_graph import INPUT, OUTPUT, cut_tensor, export, extract
+from dery.passes.lower import Lowered
+from dery.passes.stitch import Stitches
+from dery.profile_store import ProfileStore
+from dery.targets import Target, local_device_name
+
+
+@dataclass(frozen=True, eq=False)
+class Costs:
+    """Latency records for the search space: blocks by (model, set), stitches by (source, target, boundary),
+    whole zoo members by name."""
+
+    blocks: dict[tuple[str, int], LatencyRecord] = field(repr=False)
+    stitches: dict[tuple[str, str, int], LatencyRecord] = field(repr=False)
+    networks: dict[str, LatencyRecord] = field(repr=False)
+    measured: int
+    reused: int
+
+
+def network_onnx(lowered: Lowered, cuts: Sequence[str], batch: int, cache: Cache) -> onnx.ModelProto:
+    """The network's ONNX with the named cuts as extra outputs (cached by weights and cuts)."""
+    net = lowered.network
+    key = content_key("onnx", net.spec.arch, net.weights_key, list(cuts), batch, torch.__version__)
+
+    def make() -> onnx.ModelProto:
+        x = torch.rand(batch, *net.input_shape)
+        return export(lowered.with_cut_outputs(tuple(cuts)), (x,), [INPUT], [OUTPUT, *map(cut_tensor, cuts)])
+
+    return cache.get_or_make("onnx", f"{lowered.name}-{key}", ".onnx", make=make,
+                             save=lambda m, p: p.write_bytes(m.SerializeToString()),
+                             load=lambda p: onnx.load(str(p)), what="ONNX export")
+
+
+class _Bundle(nn.Module):
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__()
+        self.items = nn.ModuleList(modules)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(x) for m, x in zip(self.items, xs))
+
+
+def _stitch_name(a: str, b: str, j: int) -> str:
+    return f"{a}>{b}@{j}"
+
+
+def stitches_onnx(stitches: Stitches, batch: int, cache: Cache) -> onnx.ModelProto:
+    """All stitches exported together (inputs in:<name>, outputs out:<name>), cached."""
+    keys = sorted(stitches.modules)
+    key = content_key("stitch-onnx", [(k, s.fingerprint, s.weights) for k in keys for s in [stitches.get(*k)]],
+                      batch, torch.__version__)
+
+    def make() -> onnx.ModelProto:
+        mods = [stitches.modules[k] for k in keys]
+        xs = [torch.rand(batch, *m.src.shape[1:]) for m in mods]
+        names = [_stitch_name(*k) for k in keys]
+        return export(_Bundle(mods), xs, [f"in:{n}" for n in names], [f"out:{n}" for n in names])
+
+    return cache.get_or_make("onnx", f"stitches-{key}", ".onnx", make=make,
+                             save=lambda m, p: p.write_bytes(m.SerializeToString()),
+                             load=lambda p: onnx.load(str(p)), what="ONNX export")
+
+
+def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, batch: int,
+           cache: Cache) -> dict[tuple, Piece]:
+    """Every piece of the search space: ("block", model, k), ("stitch", a, b, j), ("network", model)."""
+    out: dict[tuple, Piece] = {}
+    for lw in zoo:
+        cuts = partition.boundaries[partition.models.index(lw.name)]
+        model = network_onnx(lw, cuts, batch, cache)
+        names = [INPUT, *map(cut_tensor, cuts), OUTPUT]
+        for k, block in enumerate(partition.blocks[partition.models.index(lw.name)]):
+            shape = lw.network.input_shape if block.first is None else lw.cut(block.first).shape[1:]
+            out["block", lw.name, k] = Piece(f"{lw.name}[{k}]", block.fingerprint, tuple(shape),
+                                             extract(model, names[k], names[k + 1]),
+                                             lambda lw=lw, b=block: lw.segment(b.first, b.last))
+        out["network", lw.name] = Piece(lw.name, lw.fingerprint(None, None), lw.network.input_shape,
+                                        extract(model, INPUT, OUTPUT), lambda lw=lw: lw.network.module)
+    if stitches.modules:
+        bundle = stitches_onnx(stitches, batch, cache)
+        for (a, b, j), mod in sorted(stitches.modules.items()):
+            n = _stitch_name(a, b, j)
+            out["stitch", a, b, j] = Piece(f"stitch {n}", stitches.get(a, b, j).fingerprint, mod.src.shape[1:],
+                                           extract(bundle, f"in:{n}", f"out:{n}"), lambda mod=mod: mod)
+    return out
+
+
+def probe_record(piece: Piece, target: Target, device: str, backend: Backend) -> LatencyRecord:
+    """A record with the lookup key of `piece` and empty timings."""
+    return LatencyRecord(piece.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
+                         target.batch, (target.batch, *piece.input_shape), 0.0, 0.0, 0.0, 0.0, 0, "", "")
+
+
+def measure_piece(piece: Piece, target: Target, device: str, backend: Backend, method: Method) -> LatencyRecord:
+    """Measure one piece now and return its record."""
+    t = backend.measure(piece, target, method)
+    when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    return LatencyRecord(piece.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
+                         target.batch, (target.batch, *piece.input_shape), t.median_ms, t.p90_ms, t.min_ms, t.cv,
+                         t.runs, when, method.describe() + ("; noisy" if t.noisy else ""))
+
+
+def missing_error(target: Target, names: Sequence[str], why: str) -> DeryError:
+    """The error for records that cannot be measured here."""
+    listing = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return DeryError(f"no latency records for {len(names)} pieces on target {target.name} ({listing}) and {why}; "
+                     f"run `dery profile --target {target.name}` with the same --zoo on a machine with the "
+                     f"target's device and merge its table (`dery profile --merge`), or pass --allow-estimates")
+
+
+def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStore, *, method: Method,
+                   on_missing: Callable[[list[tuple]], dict[tuple, LatencyRecord]] | None = None
+                   ) -> tuple[dict[tuple, LatencyRecord], int]:
+    """Look every piece up in the store; measure what is missing (here) or hand it to `on_missing`."""
+    backend = get_backend(target.backend)
+    reason = backend.unavailable(target)
+    device = local_device_name(target) if reason is None else None
+    if device is not None and not target.matches(device):
+        reason = f"this machine's {target.device} is {device!r}, not the target's ({target.device_pattern})"
+        device = None
+    found: dict[tuple, LatencyRecord] = {}
+    todo: list[tuple] = []
+    for key, piece in items.items():
+        rec = store.get(probe_record(piece, target, device, backend)) if device is not None \
+            else store.find_any(piece.fingerprint, (target.batch, *piece.input_shape), target)
+        if rec is not None:
+            found[key] = rec
+        else:
+            todo.append(key)
+    if todo and device is None:
+        if on_missing is None:
+            raise missing_error(target, [items[k].name for k in todo], reason)
+        found.update(on_missing(todo))
+        return found, 0
+    with progress.task(f"profiling on {target.name}", len(todo)) as advance:
+        for key in todo:
+            rec = measure_piece(items[key], target, device, backend, method)
+            store.add(rec)
+            found[key] = rec
+            advance(note=items[key].name)
+    return found, len(todo)
+
+
+def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, target: Target,
+            store: ProfileStore, cache: Cache, *, method: Method = Method(),
+            on_missing: Callable[[list[tuple]], dict[tuple, LatencyRecord]] | None = None) -> Costs:
+    """The profile pass: a latency record for every block, stitch and zoo member."""
+    items = pieces(zoo, partition, stitches, target.batch, cache)
+    found, measured = ensure_records(items, target, store, method=method, on_missing=on_missing)
+    return Costs({(k[1], k[2]): r for k, r in found.items() if k[0] == "block"},
+                 {(k[1], k[2], k[3]): r for k, r in found.items() if k[0] == "stitch"},
+                 {k[1]: r for k, r in found.items() if k[0] == "network"},
+                 measured, len(found) - measured)
+

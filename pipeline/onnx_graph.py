@@ -1,0 +1,82 @@
+"""ONNX export of networks and extraction of blocks and stitches with onnx-graphsurgeon.
+
+Each zoo network is exported once, with every boundary cut as an extra named
+output. A block is then cut out of that graph at its boundary tensors: the
+graph's inputs become the block's first cut tensor, its outputs the last, and
+graphsurgeon drops everything outside. The profile measures exactly these
+graphs, so what is timed is what the exporter produced for the whole network.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+import torch.nn as nn
+
+from .errors import DeryError
+
+OPSET = 18
+INPUT = "x"
+OUTPUT = "logits"
+
+
+def cut_tensor(name: str) -> str:
+    """The ONNX output name that carries a cut point's tensor."""
+    return f"cut:{name}"
+
+
+def export(module: nn.Module, example: Sequence[torch.Tensor], input_names: Sequence[str],
+           output_names: Sequence[str]) -> onnx.ModelProto:
+    """Export a module with torch.onnx's dynamo exporter (quietly), weights embedded."""
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module.eval(), tuple(example), dynamo=True, input_names=list(input_names),
+                                        output_names=list(output_names), opset_version=OPSET,
+                                        external_data=False, verbose=False)
+            program.save(buf)
+    except Exception as e:
+        raise DeryError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _resolve(graph: gs.Graph, name: str) -> gs.Variable:
+    """The real tensor behind a graph output (exporters may add Identity nodes in front of outputs)."""
+    tensors = graph.tensors()
+    if name not in tensors:
+        raise DeryError(f"internal: tensor {name!r} is not in the exported graph")
+    t = tensors[name]
+    while len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
+        t = t.inputs[0].inputs[0]
+    return t
+
+
+def extract(model: onnx.ModelProto, first: str, last: str, *, input_name: str = INPUT,
+            output_name: str = OUTPUT) -> onnx.ModelProto:
+    """The subgraph between tensor `first` and tensor `last` (graph output names) as a model."""
+    graph = gs.import_onnx(model)
+    src, dst = _resolve(graph, first), _resolve(graph, last)
+    if dst is src:
+        raise DeryError(f"internal: empty segment {first} -> {last}")
+    for i, t in enumerate([*graph.inputs, *graph.outputs]):
+        if t is not src and t is not dst and t.name in (input_name, output_name):
+            t.name = f"dropped:{i}"
+    src.inputs.clear()
+    src.name, dst.name = input_name, output_name
+    graph.inputs = [src]
+    graph.outputs = [dst]
+    graph.cleanup(remove_unused_graph_inputs=True).toposort()
+    sub = gs.export_onnx(graph)
+    sub.ir_version = model.ir_version
+    del sub.opset_import[:]
+    sub.opset_import.extend(model.opset_import)
+    missing = {i.name for i in sub.graph.input} - {input_name}
+    if missing:
+        raise DeryError(f"internal: segment {first} -> {last} needs more inputs than its first cut: {sorted(missing)}")
+    return sub
