@@ -327,8 +327,9 @@ def _stages(module: nn.Module) -> frozenset[str]:
 
 
 def _block_level(gm: fx.GraphModule, root: nn.Module, cuts: list[fx.Node], kinds: dict[str, str]) -> list[fx.Node]:
-    """Keep cuts that end a block: a module held in a container, a child of a feature_info stage
-    (timm's RegNet stages hold b1, b2, ... as plain attributes), or a direct child of the network."""
+    """Keep cuts that end a block: a composite module held in a container (layers inside a block's own
+    Sequential are not blocks), a child of a feature_info stage (timm's RegNet stages hold b1, b2, ...
+    as plain attributes), or a direct child of the network."""
     modules = dict(root.named_modules())
     stages = _stages(root)
     order = [n for n in gm.graph.nodes if kinds[n.name] in ("tensor", "other", "batch")]
@@ -336,7 +337,9 @@ def _block_level(gm: fx.GraphModule, root: nn.Module, cuts: list[fx.Node], kinds
 
     def is_block(path: str) -> bool:
         parent = path.rsplit(".", 1)[0] if "." in path else ""
-        return parent == ROOT or parent in stages or isinstance(modules.get(parent), CONTAINERS)
+        me = modules.get(path)
+        composite = me is not None and next(me.children(), None) is not None
+        return parent == ROOT or parent in stages or (composite and isinstance(modules.get(parent), CONTAINERS))
 
     return [n for n in cuts if any(is_block(p) for p in set(_module_stack(n)) - set(_module_stack(nxt.get(n))))]
 

@@ -27,6 +27,11 @@ import highspy
 import numpy as np
 
 from dery.errors import FAILED, USAGE, DeryError
+from dery.ir import Partition
+from dery.passes.profile import Costs
+from dery.passes.proxy import Quality
+from dery.passes.stitch import Stitches
+from dery.profile_store import Calibration
 
 SCHEMA = "dery.problem/1"
 STANDARD_RESOURCES = ("latency_ms", "params", "flops")
@@ -732,8 +737,9 @@ def solve(problem: Problem, *, time_limit_s: float | None = None,
                     (time.perf_counter() - started) * 1e3, found.gap, found.reason)
 
 
-def best_solutions(problem: Problem, n: int, time_limit_s: float | None = None) -> list[Solution]:
-    """The n best distinct assemblies, best first (fewer if fewer exist).
+def best_solutions(problem: Problem, n: int, time_limit_s: float | None = None,
+                   exclude: Iterable[Sequence[str]] = ()) -> list[Solution]:
+    """The n best distinct assemblies, best first (fewer if fewer exist), none of `exclude`.
 
     Each one after the first is the optimum once all earlier ones are cut off; the time limit
     covers the whole enumeration, which stops after the first answer not proven optimal.
@@ -741,7 +747,7 @@ def best_solutions(problem: Problem, n: int, time_limit_s: float | None = None) 
     if n < 1:
         return []
     started = time.perf_counter()
-    mip = _Mip(problem, n)
+    mip = _Mip(problem, n, _check_exclude(problem, exclude))
     found: list[Solution] = []
     while len(found) < n:
         t0 = time.perf_counter()
@@ -853,3 +859,48 @@ def solve_file(path: str, time_limit_s: float | None = None) -> tuple[int, str, 
     if not solution.chosen:
         return FAILED, out, f"{path}: time limit reached before any feasible assembly was found\n"
     return 0, out, ""
+
+
+def search_problem(partition: Partition, costs: Costs, quality: Quality, stitches: Stitches, *,
+                   limits: Mapping[str, float | None], calibration: Calibration | None = None) -> Problem:
+    """The reassembly search space as a dery.problem/1 instance.
+
+    Candidate `m[k]` is model m's block in set k; transition `a[j] -> b[j+1]` is free when
+    a == b and is the fitted stitch otherwise. Latencies are the measured medians put through
+    the target's additivity calibration (engine = intercept + scaled block and stitch sums).
+    """
+    cal = calibration
+    scale_b, scale_s, per_s, fixed_ms = ((cal.block_scale, cal.stitch_scale, cal.per_stitch_ms, cal.intercept_ms)
+                                         if cal is not None else (1.0, 1.0, 0.0, 0.0))
+    candidates = []
+    for k in range(partition.k):
+        for m in partition.models:
+            block, rec = partition.block(m, k), costs.blocks[m, k]
+            candidates.append(Candidate(
+                f"{m}[{k}]", k, quality.unary[m, k],
+                {"latency_ms": scale_b * rec.median_ms, "params": float(block.params), "flops": float(block.flops)},
+                {"model": m, **({"estimated": True} if rec.estimated else {})}))
+    transitions = []
+    for j in range(partition.k - 1):
+        for a in partition.models:
+            for b in partition.models:
+                if a == b:
+                    transitions.append(Transition(f"{a}[{j}]", f"{a}[{j + 1}]", 0.0,
+                                                  {"latency_ms": 0.0, "params": 0.0, "flops": 0.0}))
+                    continue
+                st = stitches.get(a, b, j)
+                if st is None:
+                    continue
+                rec = costs.stitches[a, b, j]
+                transitions.append(Transition(
+                    f"{a}[{j}]", f"{b}[{j + 1}]", quality.pairwise[a, b, j],
+                    {"latency_ms": scale_s * rec.median_ms + per_s, "params": float(st.params),
+                     "flops": float(st.flops)},
+                    {"kind": st.kind, "r2": round(st.r2, 6), **({"estimated": True} if rec.estimated else {})}))
+    fixed = {"latency_ms": fixed_ms, "params": 0.0, "flops": 0.0}
+    return Problem(partition.k, tuple(candidates), tuple(transitions), fixed, dict(limits))
+
+
+def chosen_models(solution: Solution) -> tuple[str, ...]:
+    """The model of each set in a solution of a `search_problem`."""
+    return tuple(cid.rsplit("[", 1)[0] for cid in solution.chosen)

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 from .errors import USAGE, DeryError
 
 T = TypeVar("T")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def cache_root() -> Path:
@@ -66,6 +68,7 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         writer(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

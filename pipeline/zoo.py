@@ -55,16 +55,18 @@ class MemberSpec:
 
 _DIGITS_MEMBERS = (
     MemberSpec("resnet", "resnet18", "train",
-               (("channels", (16, 32, 64, 128)), ("layers", (1, 1, 1, 1)), ("stem_width", 16)),
+               (("channels", (16, 32, 64, 128)), ("layers", (1, 1, 1, 1)), ("stem_type", "deep"), ("stem_width", 8)),
                Recipe(epochs=15, lr=2e-3), 32),
     MemberSpec("resnet_wide", "resnet18", "train",
-               (("channels", (32, 64, 128, 256)), ("stem_width", 32)),
+               (("channels", (32, 64, 128, 256)), ("stem_type", "deep"), ("stem_width", 16)),
                Recipe(epochs=12, lr=2e-3), 32),
     MemberSpec("convnext", "convnext_atto", "train",
                (("depths", (1, 1, 2, 1)), ("dims", (24, 48, 96, 192))),
                Recipe(epochs=15, lr=2e-3), 32),
     MemberSpec("mobilenetv3", "mobilenetv3_small_050", "train", (),
                Recipe(epochs=20, lr=5e-3), 32),
+    MemberSpec("mobilenext", "mobilenext_035", "train", (),
+               Recipe(epochs=15, lr=5e-3), 32),
     MemberSpec("vit", "vit_tiny_patch16_224", "train",
                (("img_size", 32), ("patch_size", 8), ("embed_dim", 64), ("depth", 4), ("num_heads", 2),
                 ("mlp_ratio", 2.0)),
@@ -212,7 +214,7 @@ def train(module: Normalized, data: Dataset, recipe: Recipe, label: str) -> None
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
             advance(note=f"loss {total / n:.3f}")
     module.eval()
 

@@ -1,0 +1,61 @@
+"""compile: the assembled network as a deployable engine file plus a JSON sidecar.
+
+The assembly is exported to ONNX once and handed to the target's backend:
+ONNX Runtime writes an offline-optimised ONNX file, TensorRT a serialized plan,
+torch-cuda an AOTInductor package. Next to every engine, `<engine>.json`
+records what it was built for (backend and version, device, precision, input
+shape), so loading it elsewhere fails with a clear message.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import dery
+from dery.backends import get_backend
+from dery.cache import atomic_write_json
+from dery.onnx_graph import INPUT, OUTPUT, export
+from dery.targets import Target, local_device_name
+
+SIDECAR_SCHEMA = "dery.engine/1"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """An engine file and what it was built for."""
+
+    path: Path
+    sidecar: Path
+    backend: str
+    backend_version: str
+    device: str
+    precision: str
+    input_shape: tuple[int, ...]
+
+
+def sidecar_path(engine: Path) -> Path:
+    return engine.with_name(engine.name + ".json")
+
+
+def compile_engine(module: nn.Module, input_shape: tuple[int, ...], target: Target, out_dir: Path,
+                   name: str = "model", extra: dict | None = None) -> Engine:
+    """Export, build and describe an engine for `target` in `out_dir` (the compile pass)."""
+    backend = get_backend(target.backend)
+    shape = (target.batch, *input_shape)
+    model = export(module, (torch.rand(*shape),), [INPUT], [OUTPUT])
+    path = out_dir / f"{name}{backend.ENGINE_SUFFIX}"
+    backend.build_engine(model, module, shape, path, target)
+    device = local_device_name(target) or "unknown"
+    engine = Engine(path, sidecar_path(path), backend.NAME, backend.version(), device, target.precision, shape)
+    atomic_write_json(engine.sidecar, {
+        "schema": SIDECAR_SCHEMA, "dery_version": dery.__version__, "target": target.name,
+        "backend": engine.backend, "backend_version": engine.backend_version, "device": device,
+        "precision": target.precision, "input": {"name": INPUT, "shape": list(shape), "dtype": "float32"},
+        "output": {"name": OUTPUT}, "threads": target.threads,
+        "built": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        **(extra or {})})
+    return engine

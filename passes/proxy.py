@@ -1,0 +1,190 @@
+"""proxy: predicted quality of assemblies, without training.
+
+The program's objective is a quality model made of unary (block) and pairwise
+(stitch) terms, in log-odds of accuracy on the held-out val split:
+
+* `pairwise` (default): a block of model m carries 1/K of logit(acc(m)); a
+  stitch a->b at boundary j carries what that stitch actually costs: the
+  logit accuracy of the two-piece network (a's blocks up to j, the stitch, b's
+  blocks after) minus what the unary terms already give it. Every single-
+  switch assembly is then predicted exactly; several switches add up.
+* `stitch-r2`: the same unary terms, stitches penalised by their held-out fit
+  (log R^2), no network evaluation.
+* `member-acc`: unary terms only (the plain weighted mix of members).
+
+Whole-network proxies re-rank the program's best few solutions: `val-acc`
+(accuracy of the assembled network on val), `naswot` (Mellor et al.: log-det
+of the Hamming kernel of binarised activations over 5 batches of 32 images)
+and `linear-probe` (a ridge classifier on the assembly's pre-logit features,
+fitted on half of val, scored on the other half).
+
+Scores use the data's labels when they mean something for this zoo, and the
+zoo ensemble's predictions otherwise (see dery.evaluate).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dery import progress
+from dery.cache import Cache, content_key
+from dery.data import Dataset
+from dery.errors import USAGE, DeryError
+from dery.evaluate import accuracy, reference_labels
+from dery.ir import Partition
+from dery.passes.assemble import assemble
+from dery.passes.lower import Lowered
+from dery.passes.stitch import Stitches
+
+PREDICTORS = ("pairwise", "stitch-r2", "member-acc")
+PROXIES = ("val-acc", "naswot", "linear-probe")
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
+
+
+def logit(p: float, n: int) -> float:
+    """Log-odds with a half-sample correction so 0% and 100% stay finite."""
+    eps = 0.5 / max(n, 1)
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
+@dataclass(frozen=True, eq=False)
+class Quality:
+    """Unary scores by (model, set), pairwise by (source, target, boundary), in val log-odds."""
+
+    predictor: str
+    labels: str
+    unary: dict[tuple[str, int], float] = field(repr=False)
+    pairwise: dict[tuple[str, str, int], float] = field(repr=False)
+    member_val: dict[str, float] = field(repr=False)
+
+    def score(self, models: Sequence[str]) -> float:
+        """Predicted log-odds of an assembly (one model per set)."""
+        s = sum(self.unary[m, k] for k, m in enumerate(models))
+        return s + sum(self.pairwise.get((a, b, j), 0.0) for j, (a, b) in enumerate(zip(models, models[1:]))
+                       if a != b)
+
+
+def switch_accuracies(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, data: Dataset,
+                      cache: Cache) -> tuple[dict[tuple[str, str, int], float], dict[str, float], str]:
+    """Val accuracy of every zoo member and of every single-switch (two-piece) assembly (cached)."""
+    labels, kind = reference_labels([lw.network for lw in zoo], data, "val")
+    images = data.images("val")
+    k = partition.k
+    key = content_key("switch-acc", [(lw.name, lw.network.weights_key) for lw in zoo], partition.boundaries,
+                      [(s.source, s.target, s.boundary, s.weights) for s in stitches.items], data.fingerprint, kind)
+
+    def make() -> dict:
+        members = {}
+        for lw in zoo:
+            members[lw.name] = accuracy(lw.network.module, images, labels)
+        switches = {}
+        with progress.task("scoring stitches", len(stitches.items)) as advance:
+            for s in stitches.items:
+                models = (s.source,) * (s.boundary + 1) + (s.target,) * (k - s.boundary - 1)
+                _, module = assemble(zoo, partition, stitches, models)
+                switches[f"{s.source}|{s.target}|{s.boundary}"] = accuracy(module, images, labels)
+                advance()
+        return {"members": members, "switches": switches}
+
+    raw = cache.json("quality", key, make, what="stitch accuracies")
+    switches = {}
+    for name, acc in raw["switches"].items():
+        a, b, j = name.split("|")
+        switches[a, b, int(j)] = float(acc)
+    return switches, {m: float(v) for m, v in raw["members"].items()}, kind
+
+
+def quality(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, data: Dataset, cache: Cache,
+            predictor: str = "pairwise") -> Quality:
+    """The proxy pass: unary and pairwise quality terms for the program."""
+    if predictor not in PREDICTORS:
+        raise DeryError(f"unknown quality predictor {predictor!r}; known: {', '.join(PREDICTORS)}", exit_code=USAGE)
+    n = len(data.split("val"))
+    k = partition.k
+    switches, members, kind = switch_accuracies(zoo, partition, stitches, data, cache)
+    lm = {m: logit(members[m], n) for m in partition.models}
+    unary = {(m, s): lm[m] / k for m in partition.models for s in range(k)}
+    pairwise: dict[tuple[str, str, int], float] = {}
+    for st in stitches.items:
+        a, b, j = st.source, st.target, st.boundary
+        if predictor == "pairwise":
+            pairwise[a, b, j] = logit(switches[a, b, j], n) - ((j + 1) * lm[a] + (k - j - 1) * lm[b]) / k
+        elif predictor == "stitch-r2":
+            pairwise[a, b, j] = math.log(max(st.r2, 1e-3))
+        else:
+            pairwise[a, b, j] = 0.0
+    return Quality(predictor, kind, unary, pairwise, members)
+
+
+def naswot(module: nn.Module, images: torch.Tensor, *, batches: int = 5, batch: int = 32) -> float:
+    """NASWOT score: mean over batches of logdet of the Hamming kernel of binarised activations."""
+    codes: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
+        codes.append((out.detach().flatten(1) > 0).float())
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, ACTIVATIONS)]
+    scores = []
+    try:
+        with torch.no_grad():
+            for bi in range(batches):
+                x = images[bi * batch:(bi + 1) * batch]
+                if x.shape[0] < 2:
+                    break
+                codes.clear()
+                module(x)
+                if not codes:
+                    raise DeryError("NASWOT needs activation modules (ReLU/GELU/...) in the network")
+                c = torch.cat(codes, dim=1).double()
+                kmat = c @ c.T + (1 - c) @ (1 - c).T
+                scores.append(float(torch.linalg.slogdet(kmat)[1]))
+    finally:
+        for h in handles:
+            h.remove()
+    return float(np.mean(scores))
+
+
+def _pre_logits(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Inputs of the final linear layer (the classifier) of a network."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise DeryError("linear-probe proxy needs a network whose classifier is an nn.Linear")
+    feats: list[torch.Tensor] = []
+    h = linears[-1].register_forward_hook(lambda _m, i, _o: feats.append(i[0].detach().flatten(1)))
+    try:
+        with torch.no_grad():
+            for i in range(0, images.shape[0], 256):
+                module(images[i:i + 256])
+    finally:
+        h.remove()
+    return torch.cat(feats)
+
+
+def linear_probe(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ridge: float = 1e-2) -> float:
+    """Accuracy of a ridge classifier on the network's pre-logit features (fit on half, score on the rest)."""
+    x = _pre_logits(module, images).double()
+    n = x.shape[0] // 2
+    classes = int(labels.max()) + 1
+    y = torch.nn.functional.one_hot(labels, classes).double()
+    mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-6
+    z = torch.cat([(x - mu) / sd, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    w = torch.linalg.solve(z[:n].T @ z[:n] + ridge * n * torch.eye(z.shape[1], dtype=x.dtype), z[:n].T @ y[:n])
+    return float(((z[n:] @ w).argmax(1) == labels[n:]).double().mean())
+
+
+def whole_network_score(proxy: str, module: nn.Module, data: Dataset, labels: torch.Tensor) -> float:
+    """A whole-network proxy of an assembled module on the val split (higher is better)."""
+    images = data.images("val")
+    if proxy == "val-acc":
+        return accuracy(module, images, labels)
+    if proxy == "naswot":
+        return naswot(module, images)
+    if proxy == "linear-probe":
+        return linear_probe(module, images, labels)
+    raise DeryError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}", exit_code=USAGE)

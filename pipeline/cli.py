@@ -1,0 +1,237 @@
+"""Command line: `dery-compile` and `dery <subcommand>`.
+
+User errors print one line on stderr and exit 2 (bad usage) or 1 (failed
+run); --debug shows tracebacks. Interrupting a run loses nothing that was
+finished: caches and profile records are written as they are made.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import FAILED, DeryError
+
+
+def positive_ms(text: str) -> float:
+    """argparse type: a positive number of milliseconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of milliseconds, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _zoo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--zoo", help="comma-separated zoo: a preset (default), timm names (pretrained), NAME:random, "
+                                 "NAME=CHECKPOINT or a dery checkpoint file (default: the embedded digits zoo)")
+    p.add_argument("--data", type=Path, help="ImageFolder directory for probe and evaluation data "
+                                             "(default: scikit-learn digits, shipped with the package)")
+    p.add_argument("--k", type=positive_int, default=4, help="blocks per network = equivalence sets (default 4)")
+    p.add_argument("--balance", choices=("params", "flops", "latency"), default="flops",
+                   help="what block-size balance is measured in (default flops)")
+    p.add_argument("--partition-slack", dest="slack", type=non_negative, default=0.5,
+                   help="each block holds at most (1+slack)/K of its network's cost (default 0.5)")
+    p.add_argument("--similarity", choices=("pooled", "full"), default="pooled",
+                   help="CKA on pooled features (DeRy) or full feature maps (default pooled)")
+    p.add_argument("--probe", type=positive_int, default=256, help="probe images for similarity and stitches")
+    p.add_argument("--seed", type=int, default=0, help="seed for data splits (default 0)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _compile_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--target", required=True, help="deployment target: cpu, a100, h100, h200 (see `dery targets`)")
+    p.add_argument("--latency-ms", dest="latency_ms", type=positive_ms, required=True,
+                   help="latency budget of the compiled engine in milliseconds (hard constraint)")
+    _zoo_args(p)
+    p.add_argument("--out", type=Path, default=Path("build"), help="output directory (default build/)")
+    p.add_argument("--params-limit", type=non_negative, help="optional upper bound on parameters")
+    p.add_argument("--flops-limit", type=non_negative, help="optional upper bound on FLOPs")
+    p.add_argument("--predictor", choices=("pairwise", "stitch-r2", "member-acc"), default="pairwise",
+                   help="quality model used as the program's objective (default pairwise)")
+    p.add_argument("--rerank", choices=("val-acc", "naswot", "linear-probe"), default="val-acc",
+                   help="whole-network proxy that re-ranks the program's best solutions (default val-acc)")
+    p.add_argument("--top", type=positive_int, default=5, help="how many best solutions to re-rank (default 5)")
+    p.add_argument("--max-rounds", type=positive_int, default=4, help="closed-loop rounds at most (default 4)")
+    p.add_argument("--save-problem", type=Path, help="also write the solved search problem (dery.problem/1)")
+    p.add_argument("--pareto", action="store_true", help="also solve a sweep of budgets and plot them")
+    _common(p)
+    return p
+
+
+def _config(args: argparse.Namespace):
+    from .driver import CompileConfig
+
+    return CompileConfig(target=args.target, latency_ms=args.latency_ms, zoo=args.zoo, data=args.data, out=args.out,
+                         k=args.k, balance=args.balance, slack=args.slack, similarity=args.similarity,
+                         probe=args.probe, predictor=args.predictor, rerank=args.rerank, top=args.top,
+                         params_limit=args.params_limit, flops_limit=args.flops_limit, max_rounds=args.max_rounds,
+                         save_problem=args.save_problem, pareto=args.pareto, seed=args.seed)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .driver import run_compile
+
+    report = run_compile(_config(args))
+    acc = report["accuracy"]
+    print(f"{report['status']}: {args.out / report['engine']} measures {report['measured_latency_ms']:.4g} ms "
+          f"(budget {report['budget_ms']:g} ms, predicted {report['predicted_latency_ms']:.4g} ms)"
+          + (f", test accuracy {100 * acc:.1f}%" if acc is not None else "")
+          + f"; assembly {' > '.join(b['model'] for b in report['assembly'])}; report {args.out / 'report.md'}")
+    return 0 if report["status"] == "ok" else FAILED
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from .passes.solve import solve_file
+
+    code, out, err = solve_file(str(args.problem), args.time_limit)
+    if out:
+        print(out)
+    if err:
+        print(f"dery solve: {err}", file=sys.stderr)
+    return code
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .driver import inspect_json
+
+    doc = inspect_json(args.model)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        if doc["warning"]:
+            print(f"warning: {doc['warning']}", file=sys.stderr)
+        print(f"{doc['model']}: {len(doc['cut_points'])} cut points (input {'x'.join(map(str, doc['input_shape']))}; "
+              f"* = may bound a block)")
+        for c in doc["cut_points"]:
+            print(f"  {'*' if c['boundary'] else ' '} {c['name']:40s} {c['layout']:5s} {'x'.join(map(str, c['shape']))}")
+        print(f"block-by-block vs whole network: max |diff| = {doc['max_abs_diff']:.3g}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from .cache import Cache
+    from .data import load_data
+    from .passes.lower import lower
+    from .passes.partition import partition, partition_json
+    from .passes.similarity import similarity
+    from .zoo import load_zoo, native_resolution, parse_zoo
+
+    specs = parse_zoo(args.zoo)
+    cache = Cache()
+    data = load_data(args.data, native_resolution(specs), probe=args.probe, seed=args.seed)
+    lowered = [lower(n) for n in load_zoo(specs, data, cache)]
+    sim = similarity(lowered, data, cache, mode=args.similarity)
+    doc = partition_json(partition(lowered, sim, args.k, balance=args.balance, slack=args.slack))
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(f"K={doc['k']} balanced by {doc['balance']}, objective {doc['objective']:.4f} ({doc['status']})")
+        for m in doc["models"]:
+            print(f"  {m['model']}: " + " | ".join(m["boundaries"]))
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from .backends import get_backend
+    from .targets import local_device_name, registry
+
+    for t in registry().values():
+        reason = get_backend(t.backend).unavailable(t)
+        if reason is None:
+            dev = local_device_name(t)
+            reason = None if dev is not None and t.matches(dev) else f"local {t.device} {dev!r} does not match"
+        print(f"{t.name:6s} {t.backend:12s} {t.precision:5s} {'available' if reason is None else 'unavailable: ' + reason}"
+              f"  - {t.description}")
+    return 0
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _dispatch(handler: Handler, args: argparse.Namespace) -> int:
+    try:
+        return handler(args)
+    except DeryError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dery: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dery: interrupted; finished work is cached and will be reused on the next run", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        where = next((n for n in getattr(e, "__notes__", []) if "dery pass" in n), "")
+        print(f"dery: internal error {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return FAILED
+
+
+def compile_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `dery-compile`."""
+    parser = _compile_parser(argparse.ArgumentParser(
+        prog="dery-compile", description="Reassemble a zoo of pretrained networks into the most accurate network "
+                                         "that meets a measured latency budget on a target, and compile it."))
+    return _dispatch(cmd_compile, parser.parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dery", description="dery: hardware-aware network reassembly")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _compile_parser(sub.add_parser("compile", help="same as dery-compile"))
+    p.set_defaults(handler=cmd_compile)
+    p = sub.add_parser("solve", help="solve a stand-alone search problem (dery.problem/1) and print the solution")
+    p.add_argument("problem", type=Path)
+    p.add_argument("--time-limit", type=non_negative, help="seconds; the incumbent is returned with its gap")
+    _common(p)
+    p.set_defaults(handler=cmd_solve)
+    p = sub.add_parser("inspect", help="list a network's cut points and check block-by-block execution")
+    p.add_argument("model", help="a timm name (random weights are used: structure only) or NAME=CHECKPOINT")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(handler=cmd_inspect)
+    p = sub.add_parser("partition", help="partition a zoo into K equivalence sets (exact)")
+    _zoo_args(p)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(handler=cmd_partition)
+    p = sub.add_parser("targets", help="list targets and whether they can run here")
+    _common(p)
+    p.set_defaults(handler=cmd_targets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `dery`."""
+    args = build_parser().parse_args(argv)
+    return _dispatch(args.handler, args)
+

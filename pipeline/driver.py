@@ -1,0 +1,368 @@
+"""The driver: runs the passes in one explicit order and closes the latency loop.
+
+    zoo -> lower -> similarity -> partition -> stitch -> profile -> proxy
+        -> [solve -> assemble -> compile -> verify] (repeated while over budget)
+        -> report
+
+Each pass's expensive output is cached under DERY_CACHE_DIR keyed by its
+inputs; every error names the pass it came from. Nothing is written to the
+output directory until a result exists, and each file is written atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import progress
+from .backends import get_backend
+from .cache import Cache, atomic_write_json, content_key, ensure_dir
+from .data import Dataset, load_data
+from .errors import USAGE, DeryError
+from .ir import Partition, from_json, to_json
+from .measure import Method
+from .profile_store import ProfileStore
+from .targets import Target, get_target, local_device_name
+from .zoo import Network, load_zoo, native_resolution, parse_zoo
+
+PASSES = ("zoo", "lower", "similarity", "partition", "stitch", "profile", "proxy", "solve", "assemble", "compile",
+          "verify", "report")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything a `dery-compile` run depends on."""
+
+    target: str
+    latency_ms: float
+    zoo: str | None = None
+    data: Path | None = None
+    out: Path = Path("build")
+    k: int = 4
+    balance: str = "flops"
+    slack: float = 0.5
+    similarity: str = "pooled"
+    probe: int = 256
+    predictor: str = "pairwise"
+    rerank: str = "val-acc"
+    top: int = 5
+    params_limit: float | None = None
+    flops_limit: float | None = None
+    max_rounds: int = 4
+    save_problem: Path | None = None
+    pareto: bool = False
+    seed: int = 0
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Run one pass: time it, and tag any error with the pass name."""
+    assert name in PASSES, name
+    t0 = time.perf_counter()
+    try:
+        yield
+    except DeryError as e:
+        raise e.in_pass(name)
+    except Exception as e:
+        e.add_note(f"(in dery pass {name!r})")
+        raise
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def check_target(target: Target) -> None:
+    """Fail in one line when the target's backend or device is not here."""
+    backend = get_backend(target.backend)
+    reason = backend.unavailable(target)
+    if reason is None:
+        device = local_device_name(target)
+        if device is None or not target.matches(device):
+            reason = (f"this machine's {target.device} is {device!r}, not the target's device "
+                      f"(pattern {target.device_pattern!r})")
+    if reason is not None:
+        raise DeryError(f"target {target.name} ({target.description}) cannot compile here: {reason}")
+
+
+def prepare_out(out: Path) -> Path:
+    """The output directory, created and checked writable before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise DeryError(f"--out {out} exists and is not a directory", exit_code=USAGE)
+    return ensure_dir(out, "--out directory")
+
+
+@dataclass(frozen=True, eq=False)
+class Session:
+    """What the front half of the pipeline produced (everything the solve loop needs)."""
+
+    config: CompileConfig
+    target: Target
+    cache: Cache
+    data: Dataset
+    zoo: tuple[Network, ...]
+    lowered: tuple[Any, ...]
+    partition: Partition
+    stitches: Any
+    costs: Any
+    quality: Any
+    store: ProfileStore
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def cached_partition(cfg: CompileConfig, lowered: tuple, data: Dataset, cache: Cache, timings: dict) -> Partition:
+    """The partition pass (its similarity input included), cached as IR JSON."""
+    from dery.passes.partition import partition
+    from dery.passes.similarity import similarity
+
+    key = content_key("partition", [(lw.name, lw.network.weights_key, [c.name for c in lw.boundary_cuts()])
+                                    for lw in lowered], data.fingerprint, cfg.similarity, cfg.probe, cfg.k,
+                      cfg.balance, cfg.slack, 1)
+
+    def make() -> dict:
+        with stage("similarity", timings):
+            sim = similarity(lowered, data, cache, mode=cfg.similarity)
+        with stage("partition", timings):
+            return to_json(partition(lowered, sim, cfg.k, balance=cfg.balance, slack=cfg.slack))
+
+    return from_json(Partition, cache.json("partition", key, make, what="partition"))
+
+
+def front(cfg: CompileConfig, *, require_device: bool = True) -> Session:
+    """zoo -> lower -> similarity -> partition -> stitch -> profile -> proxy."""
+    from dery.passes.lower import lower
+    from dery.passes.profile import profile
+    from dery.passes.proxy import quality
+    from dery.passes.stitch import stitch
+
+    timings: dict[str, float] = {}
+    target = get_target(cfg.target)
+    if require_device:
+        check_target(target)
+    cache = Cache()
+    cache.ensure_writable()
+    with stage("zoo", timings):
+        specs = parse_zoo(cfg.zoo)
+        data = load_data(cfg.data, native_resolution(specs), probe=cfg.probe, seed=cfg.seed)
+        zoo = load_zoo(specs, data, cache)
+    with stage("lower", timings):
+        lowered = tuple(lower(n) for n in zoo)
+    part = cached_partition(cfg, lowered, data, cache, timings)
+    with stage("stitch", timings):
+        stitches = stitch(lowered, part, data, cache)
+    store = ProfileStore(cache, target.name)
+    with stage("profile", timings):
+        costs = profile(lowered, part, stitches, target, store, cache, method=Method())
+    with stage("proxy", timings):
+        qual = quality(lowered, part, stitches, data, cache, cfg.predictor)
+    return Session(cfg, target, cache, data, zoo, lowered, part, stitches, costs, qual, store, timings)
+
+
+def run_compile(cfg: CompileConfig) -> dict:
+    """A whole dery-compile run; returns the report (also written to --out)."""
+    if not cfg.latency_ms > 0:
+        raise DeryError(f"--latency-ms must be a positive number of milliseconds, got {cfg.latency_ms}",
+                        exit_code=USAGE)
+    out = prepare_out(cfg.out)
+    s = front(cfg)
+    workdir = Path(tempfile.mkdtemp(prefix=".dery-", dir=out))
+    try:
+        return _closed_loop(cfg, s, Search(s, workdir), out)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _closed_loop(cfg: CompileConfig, s: Session, search: "Search", out: Path) -> dict:
+    from dery.passes.verify import next_limit
+    from dery.report import write_outputs
+
+    problem = search.problem(cfg.latency_ms)
+    if cfg.save_problem is not None:
+        atomic_write_json(cfg.save_problem, problem.to_json())
+    progress.say(f"searching {len(s.partition.models)} networks x {s.partition.k} sets under "
+                 f"{cfg.latency_ms:g} ms on {s.target.name}")
+    limit = cfg.latency_ms
+    rounds: list[dict] = []
+    over: list[tuple[str, ...]] = []
+    final = None
+    status = None
+    for r in range(cfg.max_rounds):
+        result = search.best(limit, exclude=over)
+        if result is None:
+            status = search.infeasible_reason(limit, cfg.latency_ms, rounds)
+            break
+        rounds.append(result.round_json(r, limit, cfg.latency_ms))
+        if result.measured_ms <= cfg.latency_ms:
+            final, status = result, "ok"
+            break
+        over.append(result.solution.chosen)
+        final = final if final is not None and final.measured_ms <= result.measured_ms else result
+        limit = next_limit(limit, cfg.latency_ms, result.measured_ms)
+    if status is None:
+        status = (f"over budget: no assembly measured within {cfg.latency_ms:g} ms after {cfg.max_rounds} rounds "
+                  f"(fastest measured {min(rr['measured_ms'] for rr in rounds):.4g} ms)")
+    if final is None:
+        raise DeryError(f"no assembly fits: {status}")
+    pareto = search.pareto_sweep() if cfg.pareto else None
+    return write_outputs(out, s, final, rounds, status, pareto)
+
+
+@dataclass(frozen=True, eq=False)
+class Result:
+    """One solved, assembled, compiled and measured assembly."""
+
+    solution: Any
+    models: tuple[str, ...]
+    assembly: Any
+    module: Any
+    engine: Any
+    timing: Any
+    proxy: float
+
+    @property
+    def measured_ms(self) -> float:
+        return self.timing.median_ms
+
+    @property
+    def predicted_ms(self) -> float:
+        return self.solution.totals["latency_ms"]
+
+    def round_json(self, r: int, limit_ms: float, budget_ms: float) -> dict:
+        return {"round": r, "limit_ms": limit_ms, "chosen": list(self.models), "predicted_ms": self.predicted_ms,
+                "measured_ms": self.measured_ms, "p90_ms": self.timing.p90_ms, "cv": self.timing.cv,
+                "within_budget": self.measured_ms <= budget_ms, "score": self.solution.objective,
+                "proxy": self.proxy}
+
+
+class Search:
+    """solve -> assemble -> compile -> verify over one session's search space."""
+
+    def __init__(self, session: Session, workdir: Path):
+        self.s = session
+        self.workdir = workdir
+        self._proxy: dict[tuple[str, ...], float] = {}
+
+    def problem(self, limit_ms: float):
+        from dery.passes.solve import search_problem
+
+        s, cfg = self.s, self.s.config
+        backend = get_backend(s.target.backend)
+        device = local_device_name(s.target) or ""
+        cal = s.store.calibration(device, backend.NAME, backend.version())
+        return search_problem(s.partition, s.costs, s.quality, s.stitches, calibration=cal,
+                              limits={"latency_ms": limit_ms, "params": cfg.params_limit, "flops": cfg.flops_limit})
+
+    def proxy(self, models: tuple[str, ...]) -> float:
+        """The re-ranking proxy of an assembly (cached for the session)."""
+        from dery.evaluate import reference_labels
+        from dery.passes.assemble import assemble
+        from dery.passes.proxy import whole_network_score
+
+        if models not in self._proxy:
+            s = self.s
+            _, module = assemble(s.lowered, s.partition, s.stitches, models)
+            labels, _ = reference_labels(s.zoo, s.data, "val")
+            self._proxy[models] = whole_network_score(s.config.rerank, module, s.data, labels)
+        return self._proxy[models]
+
+    def choose(self, limit_ms: float, exclude: list[tuple[str, ...]]):
+        """The program's best few solutions under `limit_ms`, re-ranked by the proxy (None if infeasible)."""
+        from dery.passes.solve import best_solutions, chosen_models
+
+        with stage("solve", self.s.timings):
+            sols = best_solutions(self.problem(limit_ms), self.s.config.top, exclude=exclude)
+        if not sols:
+            return None
+        with stage("proxy", self.s.timings):
+            scored = [(self.proxy(chosen_models(sol)), -i, sol) for i, sol in enumerate(sols)]
+        return max(scored, key=lambda t: (t[0], t[1]))
+
+    def realise(self, solution, proxy: float, name: str) -> Result:
+        """Assemble, compile and measure one solution."""
+        from dery.passes.assemble import assemble
+        from dery.passes.compile import compile_engine
+        from dery.passes.solve import chosen_models
+        from dery.passes.verify import measure_engine
+
+        s = self.s
+        models = chosen_models(solution)
+        with stage("assemble", s.timings):
+            assembly, module = assemble(s.lowered, s.partition, s.stitches, models)
+        with stage("compile", s.timings):
+            engine = compile_engine(module, s.zoo[0].input_shape, s.target, self.workdir, name)
+        identity = content_key([(b.model, b.first, b.last, b.fingerprint) for b in assembly.blocks],
+                               [n.weights_key for n in s.zoo], [st.weights if st else None for st in assembly.stitches])
+        with stage("verify", s.timings):
+            timing = measure_engine(engine.path, identity, s.target, s.cache)
+        return Result(solution, models, assembly, module, engine, timing, proxy)
+
+    def best(self, limit_ms: float, exclude: list[tuple[str, ...]]) -> Result | None:
+        picked = self.choose(limit_ms, exclude)
+        if picked is None:
+            return None
+        proxy, _, solution = picked
+        return self.realise(solution, proxy, f"round{len(exclude)}")
+
+    def infeasible_reason(self, limit_ms: float, budget_ms: float, rounds: list[dict]) -> str:
+        """Why nothing fits; before any round this is a plain error (nothing is written)."""
+        from dery.passes.solve import min_achievable
+
+        fastest = min_achievable(self.problem(limit_ms), "latency_ms")
+        if not rounds:
+            member = min(self.s.costs.networks.values(), key=lambda r: r.median_ms)
+            raise DeryError(f"budget {budget_ms:g} ms is below the fastest achievable assembly on target "
+                            f"{self.s.target.name}: {fastest:.4g} ms predicted (the fastest zoo member measures "
+                            f"{member.median_ms:.4g} ms); raise --latency-ms")
+        return (f"over budget: every assembly predicted within the tightened limit {limit_ms:.4g} ms was tried; "
+                f"the fastest measured {min(r['measured_ms'] for r in rounds):.4g} ms > {budget_ms:g} ms")
+
+    def pareto_sweep(self, points: int = 8) -> list[dict]:
+        """Solve, build and measure a sweep of budgets from the fastest to the slowest member."""
+        from dery.evaluate import has_labels
+        from dery.evaluate import accuracy as acc
+
+        s = self.s
+        lat = sorted(r.median_ms for r in s.costs.networks.values())
+        lo = lat[0]
+        out, seen = [], set()
+        labelled = has_labels(s.zoo, s.data)
+        for i in range(points):
+            budget = lo + (lat[-1] - lo) * i / max(points - 1, 1) * 1.05
+            picked = self.choose(budget, [])
+            if picked is None or picked[2].chosen in seen:
+                continue
+            seen.add(picked[2].chosen)
+            res = self.realise(picked[2], picked[0], f"pareto{i}")
+            out.append({"budget_ms": budget, "chosen": list(res.models), "predicted_ms": res.predicted_ms,
+                        "measured_ms": res.measured_ms,
+                        "accuracy": acc(res.module, s.data.images("test"), s.data.split("test").labels)
+                        if labelled else None})
+        return out
+
+
+def inspect_json(model: str) -> dict:
+    """`dery inspect`: cut points of one network and the block-by-block check."""
+    import torch
+
+    from dery.data import digits
+    from dery.passes.lower import lower, run_blockwise
+    from dery.zoo import load_member
+
+    specs = parse_zoo(model)
+    if len(specs) != 1:
+        raise DeryError(f"dery inspect takes one model, {model!r} names {len(specs)}", exit_code=USAGE)
+    spec = dataclasses.replace(specs[0], weights="random") if specs[0].weights in ("train", "pretrained") \
+        else specs[0]
+    net = load_member(spec, digits(native_resolution(specs), probe=8), Cache())
+    lw = lower(net)
+    x = torch.rand(2, *net.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((run_blockwise(lw, x) - net.module(x)).abs().max())
+    return {"model": net.name, "method": lw.method, "warning": lw.warning, "input_shape": list(net.input_shape),
+            "cut_points": [{"name": c.name, "shape": list(c.shape), "layout": c.layout,
+                            "boundary": c in lw.boundary_cuts()} for c in lw.cuts],
+            "max_abs_diff": diff}

@@ -1,0 +1,195 @@
+"""The outputs of a dery-compile run: engine, report.json, report.md and a plot.
+
+report.json ("dery.report/1") is the machine-readable contract; report.md
+says the same for people. Everything is written atomically, the report last,
+so an output directory never holds a report that points at a missing engine.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dery
+
+from .cache import atomic_write, atomic_write_bytes, atomic_write_json, read_json
+from .evaluate import accuracy, has_labels
+
+if TYPE_CHECKING:
+    from .driver import Result, Session
+
+SCHEMA = "dery.report/1"
+PLOT = "latency_accuracy.png"
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def build_report(s: "Session", final: "Result", rounds: list[dict], status: str, pareto: list[dict] | None,
+                 engine_name: str) -> dict[str, Any]:
+    """The report.json document."""
+    labelled = has_labels(s.zoo, s.data)
+    test_x = s.data.images("test")
+    test_y = s.data.split("test").labels
+    by_name = {lw.name: lw for lw in s.lowered}
+    zoo = []
+    for n in s.zoo:
+        params, flops = by_name[n.name].cost(None, None)
+        rec = s.costs.networks[n.name]
+        zoo.append({"model": n.name, "arch": n.spec.arch, "latency_ms": rec.median_ms, "latency_p90_ms": rec.p90_ms,
+                    "params": params, "flops": flops, "estimated": rec.estimated,
+                    "accuracy": accuracy(n.module, test_x, test_y) if labelled else None})
+    a = final.assembly
+    stitches = [st for st in a.stitches if st is not None]
+    params = sum(b.params for b in a.blocks) + sum(st.params for st in stitches)
+    flops = sum(b.flops for b in a.blocks) + sum(st.flops for st in stitches)
+    estimated = any(s.costs.blocks[m, k].estimated for k, m in enumerate(final.models)) or any(
+        s.costs.stitches[st.source, st.target, st.boundary].estimated for st in stitches)
+    return {
+        "schema": SCHEMA,
+        "dery_version": dery.__version__,
+        "status": status,
+        "target": s.target.name,
+        "backend": final.engine.backend,
+        "backend_version": final.engine.backend_version,
+        "device": final.engine.device,
+        "precision": s.target.precision,
+        "batch": s.target.batch,
+        "input_shape": list(s.zoo[0].input_shape),
+        "budget_ms": s.config.latency_ms,
+        "predicted_latency_ms": final.predicted_ms,
+        "measured_latency_ms": final.measured_ms,
+        "measured_p90_ms": final.timing.p90_ms,
+        "measured_cv": final.timing.cv,
+        "latency_estimated": estimated,
+        "engine": engine_name,
+        "assembly": [{"set": k, "model": b.model, "first": b.first, "last": b.last, "params": b.params,
+                      "flops": b.flops} for k, b in enumerate(a.blocks)],
+        "stitches": [{"boundary": st.boundary, "from": st.source, "to": st.target, "kind": st.kind,
+                      "r2": st.r2, "params": st.params, "flops": st.flops} for st in stitches],
+        "params": params,
+        "flops": flops,
+        "accuracy": accuracy(final.module, test_x, test_y) if labelled else None,
+        "predicted_accuracy": _sigmoid(s.quality.score(final.models)),
+        "quality": {"predictor": s.quality.predictor, "labels": s.quality.labels, "rerank": s.config.rerank,
+                    "proxy": final.proxy, "objective": final.solution.objective},
+        "data": {"name": s.data.name, "resolution": s.data.resolution,
+                 "splits": {k: len(v) for k, v in s.data.splits.items()}, "labelled": labelled},
+        "partition": {"k": s.partition.k, "balance": s.partition.balance, "objective": s.partition.objective,
+                      "boundaries": {m: list(b) for m, b in zip(s.partition.models, s.partition.boundaries)}},
+        "zoo": zoo,
+        "rounds": rounds,
+        "pareto": pareto,
+    }
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """report.md: the same facts as report.json, for people."""
+    r = report
+    est = " (estimated)" if r["latency_estimated"] else ""
+    lines = [
+        f"# dery report: {r['target']} under {r['budget_ms']:g} ms",
+        "",
+        f"**Status:** {r['status']}",
+        "",
+        f"Engine `{r['engine']}` ({r['backend']} {r['backend_version']}, {r['precision']}, batch {r['batch']}, "
+        f"input {'x'.join(map(str, r['input_shape']))}) on {r['device']}.",
+        "",
+        "| | latency (ms) | params | FLOPs | accuracy |",
+        "|---|---|---|---|---|",
+        f"| budget | {_fmt(r['budget_ms'])} | | | |",
+        f"| predicted{est} | {_fmt(r['predicted_latency_ms'])} | | | {_pct(r['predicted_accuracy'])} (val) |",
+        f"| **measured engine** | **{_fmt(r['measured_latency_ms'])}** (p90 {_fmt(r['measured_p90_ms'])}, "
+        f"cv {_fmt(r['measured_cv'], 2)}) | {_fmt(r['params'])} | {_fmt(r['flops'])} | {_pct(r['accuracy'])} |",
+        "",
+        "## Chosen blocks",
+        "",
+        "| set | model | from cut | to cut | params | FLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {b['set']} | {b['model']} | {b['first'] or '(input)'} | {b['last'] or '(logits)'} | "
+              f"{_fmt(b['params'])} | {_fmt(b['flops'])} |" for b in r["assembly"]]
+    if r["stitches"]:
+        lines += ["", "| stitch after set | from | to | kind | held-out R^2 | params |", "|---|---|---|---|---|---|"]
+        lines += [f"| {s['boundary']} | {s['from']} | {s['to']} | {s['kind']} | {s['r2']:.3f} | {_fmt(s['params'])} |"
+                  for s in r["stitches"]]
+    lines += ["", "## Zoo (each member measured end to end the same way)", "",
+              "| model | architecture | latency (ms) | params | FLOPs | test accuracy |", "|---|---|---|---|---|---|"]
+    lines += [f"| {z['model']} | {z['arch']} | {_fmt(z['latency_ms'])}{' (est.)' if z['estimated'] else ''} | "
+              f"{_fmt(z['params'])} | {_fmt(z['flops'])} | {_pct(z['accuracy'])} |" for z in r["zoo"]]
+    lines += ["", "## Closed loop", "", "| round | limit (ms) | chosen | predicted (ms) | measured (ms) | within |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {x['round']} | {_fmt(x['limit_ms'])} | {' > '.join(x['chosen'])} | {_fmt(x['predicted_ms'])} | "
+              f"{_fmt(x['measured_ms'])} | {'yes' if x['within_budget'] else 'no'} |" for x in r["rounds"]]
+    if r.get("pareto"):
+        lines += ["", "## Pareto sweep", "", "| budget (ms) | chosen | predicted (ms) | measured (ms) | accuracy |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {_fmt(p['budget_ms'])} | {' > '.join(p['chosen'])} | {_fmt(p['predicted_ms'])} | "
+                  f"{_fmt(p['measured_ms'])} | {_pct(p['accuracy'])} |" for p in r["pareto"]]
+    q = r["quality"]
+    lines += ["", f"Quality model: `{q['predictor']}` on {q['labels']}, re-ranked by `{q['rerank']}`. Partition: "
+              f"K={r['partition']['k']}, balanced by {r['partition']['balance']}. Data: {r['data']['name']} at "
+              f"{r['data']['resolution']} px.", "", f"![latency vs accuracy]({PLOT})", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Latency against accuracy: zoo members, the assembly, the budget, and the Pareto sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ykey = "accuracy" if report["accuracy"] is not None else None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    zy = [z["accuracy"] if ykey else 0.0 for z in report["zoo"]]
+    ax.scatter([z["latency_ms"] for z in report["zoo"]], zy, c="tab:blue", label="zoo members")
+    for z, y in zip(report["zoo"], zy):
+        ax.annotate(z["model"], (z["latency_ms"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if report.get("pareto"):
+        pts = [p for p in report["pareto"] if p["accuracy"] is not None or not ykey]
+        ax.plot([p["measured_ms"] for p in pts], [p["accuracy"] if ykey else 0.0 for p in pts], "o--",
+                c="tab:green", label="reassembled (sweep)")
+    ax.scatter([report["measured_latency_ms"]], [report["accuracy"] if ykey else 0.0], marker="*", s=180,
+               c="tab:red", label="chosen assembly", zorder=5)
+    ax.axvline(report["budget_ms"], color="gray", ls=":", label="budget")
+    ax.set_xlabel(f"measured latency on {report['target']} (ms)")
+    ax.set_ylabel("test accuracy" if ykey else "(no labels)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+
+
+def write_outputs(out: Path, s: "Session", final: "Result", rounds: list[dict], status: str,
+                  pareto: list[dict] | None) -> dict[str, Any]:
+    """Move the engine into place and write report.json, report.md and the plot."""
+    engine_name = f"model{final.engine.path.suffix}"
+    engine_path = out / engine_name
+    os.replace(final.engine.path, engine_path)
+    side = read_json(final.engine.sidecar, "engine sidecar")
+    side["measured_latency_ms"] = final.measured_ms
+    atomic_write_json(engine_path.with_name(engine_name + ".json"), side)
+    report = build_report(s, final, rounds, status, pareto, engine_name)
+    plot(report, out / PLOT)
+    atomic_write_bytes(out / "report.md", markdown(report).encode())
+    atomic_write_json(out / "report.json", report)
+    return report
+
