@@ -344,7 +344,10 @@ def _block_level(gm: fx.GraphModule, root: nn.Module, cuts: list[fx.Node], kinds
     return [n for n in cuts if any(is_block(p) for p in set(_module_stack(n)) - set(_module_stack(nxt.get(n))))]
 
 
-def _layout(n: fx.Node, shape: tuple[int, ...], gm: fx.GraphModule, prefix: int) -> tuple[str, int]:
+def _layout(n: fx.Node, rec: _Recorder, gm: fx.GraphModule, prefix: int) -> tuple[str, int]:
+    """How to read a cut's tensor. 4-D tensors are NCHW or NHWC: told apart by which dimensions are
+    equal (square grids), else by the first module that consumes the tensor unchanged in shape."""
+    shape = _shape(rec, n)
     if len(shape) == 2:
         return "nc", 0
     if len(shape) == 3:
@@ -359,11 +362,10 @@ def _layout(n: fx.Node, shape: tuple[int, ...], gm: fx.GraphModule, prefix: int)
     if d1 == d2 and d3 != d1:
         return "nhwc", 0
     modules = dict(gm.named_modules())
-    frontier = list(n.users)
-    seen = set()
+    frontier, seen = list(n.users), set()
     while frontier:
         u = frontier.pop(0)
-        if u in seen or (u.op == "call_method" and u.target in ("permute", "transpose")):
+        if u in seen or getattr(u.target, "__name__", u.target) in ("permute", "transpose"):
             continue
         seen.add(u)
         if u.op == "call_module":
@@ -372,7 +374,9 @@ def _layout(n: fx.Node, shape: tuple[int, ...], gm: fx.GraphModule, prefix: int)
                 return "nchw", 0
             if isinstance(m, (nn.Linear, nn.LayerNorm)):
                 return "nhwc", 0
-        frontier.extend(u.users)
+        out = rec.values.get(u)
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == shape:
+            frontier.extend(u.users)
     return "nchw", 0
 
 
@@ -475,7 +479,7 @@ def lower(network: Network) -> Lowered:
     end = _features_end(network, kept, rec)
     for i, n in enumerate(kept):
         shape = _shape(rec, n)
-        layout, pre = _layout(n, shape, gm, prefix)
+        layout, pre = _layout(n, rec, gm, prefix)
         cuts.append(CutPoint(network.name, n.name, i, shape, layout, pre))
     return Lowered(network, gm, tuple(cuts), method, warning, kinds, node_flops, node_params, sizes,
                    tuple(n.name for n in fine), end)

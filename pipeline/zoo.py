@@ -73,7 +73,13 @@ _DIGITS_MEMBERS = (
                Recipe(epochs=30, lr=3e-3), 32),
 )
 
-PRESETS: dict[str, tuple[MemberSpec, ...]] = {"default": _DIGITS_MEMBERS}
+_TINY_MEMBERS = tuple(MemberSpec(m.name, m.arch, m.weights, m.kwargs, Recipe(epochs=e, lr=m.recipe.lr), m.resolution)
+                      for m, e in ((_DIGITS_MEMBERS[0], 4), (_DIGITS_MEMBERS[3], 5), (_DIGITS_MEMBERS[5], 8)))
+
+PRESETS: dict[str, tuple[MemberSpec, ...]] = {
+    "default": _DIGITS_MEMBERS,  # six architectures, trained on digits in a few minutes
+    "tiny": _TINY_MEMBERS,  # three of them, briefly trained: for quick trials and the test suite
+}
 
 
 class Normalized(nn.Module):

@@ -1,0 +1,118 @@
+"""Core pieces: IR round trips, the cache, data splits, zoo specs and checkpoints, targets."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dery.cache import Cache, atomic_write, atomic_write_json, read_json
+from dery.data import digits, image_folder
+from dery.errors import DeryError
+from dery.ir import Block, CutPoint, Partition, Stitch, from_json, to_json
+from dery.targets import get_target, registry
+from dery.zoo import load_member, parse_zoo
+
+
+def test_ir_round_trips_exactly() -> None:
+    cut = CutPoint("m", "n", 2, (1, 8, 4, 4), "nchw", 0)
+    block = Block("m", None, "n", "abc", 10, 20)
+    part = Partition(2, ("m",), (("n",),), ((block, Block("m", "n", None, "def", 1, 2)),), 1.5, "flops", "optimal")
+    st = Stitch("a", "b", 0, "nchw>nchw:same", "/w.npz", 0.75, "fp", 5, 6)
+    for v in (cut, block, part, st):
+        assert from_json(type(v), json.loads(json.dumps(to_json(v)))) == v
+    assert cut.grid == (4, 4) and CutPoint("m", "t", 0, (1, 17, 8), "nlc", 1).grid == (4, 4)
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path) -> None:
+    target = tmp_path / "f.json"
+    atomic_write_json(target, {"a": 1})
+
+    def boom(p):
+        p.write_text("partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, boom)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_damaged_cache_artifact_is_named_not_recomputed(tmp_path) -> None:
+    cache = Cache(tmp_path)
+    assert cache.json("k", "key", lambda: {"v": 1}, what="thing") == {"v": 1}
+    path = cache.path("k", "key", ".json")
+    path.write_text("[1, 2")
+    with pytest.raises(DeryError, match="damaged thing file") as info:
+        cache.json("k", "key", lambda: {"v": 2}, what="thing")
+    assert str(path) in str(info.value) and path.read_text() == "[1, 2"
+    with pytest.raises(DeryError, match=str(path)):
+        read_json(path, "thing")
+
+
+def test_digits_splits_are_disjoint_deterministic_and_sized() -> None:
+    a, b = digits(16), digits(16)
+    assert a.fingerprint == b.fingerprint and torch.equal(a.split("test").images, b.split("test").images)
+    n = sum(len(a.split(s)) for s in ("train", "val", "test"))
+    assert n == 1797 and a.split("train").images.shape[1:] == (3, 16, 16)
+    flat = {s: {bytes(x.numpy()) for x in a.split(s).images} for s in ("train", "val", "test")}
+    assert len(flat["val"] & flat["test"]) < 5  # digits has a few duplicate images, no shared split
+    assert torch.equal(a.split("probe").images, a.split("train").images[:256])
+    assert digits(16, seed=1).fingerprint != a.fingerprint
+
+
+def test_image_folder_reads_classes_and_resizes(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    for c, colour in (("cat", 30), ("dog", 220)):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            arr = np.full((40, 60, 3), colour, dtype=np.uint8) + rng.integers(0, 5, (40, 60, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / c / f"{i}.png")
+    data = image_folder(tmp_path, 24, probe=4)
+    assert data.classes == ("cat", "dog") and data.resolution == 24
+    test = data.split("test")
+    assert test.images.shape[1:] == (3, 24, 24)
+    means = test.images.float().mean((1, 2, 3))
+    assert torch.equal(test.labels, (means > 128).long())
+    with pytest.raises(DeryError, match="not a directory"):
+        image_folder(tmp_path / "nope", 24)
+
+
+def test_zoo_specs_random_weights_and_checkpoints(tmp_path) -> None:
+    specs = parse_zoo("tiny,resnet18:random")
+    assert [s.name for s in specs] == ["resnet", "mobilenetv3", "vit", "resnet18"]
+    assert specs[-1].weights == "random"
+    assert [s.name for s in parse_zoo("resnet18:random,resnet18:random")] == ["resnet18", "resnet18#2"]
+    data = digits(32, probe=8)
+    a = load_member(parse_zoo("resnet10t:random")[0], data, Cache(tmp_path))
+    b = load_member(parse_zoo("resnet10t:random")[0], data, Cache(tmp_path))
+    assert a.weights_key == b.weights_key  # seeded: the same every time
+    ckpt = tmp_path / "w.pth"
+    torch.save(a.module.net.state_dict(), ckpt)
+    c = load_member(parse_zoo(f"resnet10t={ckpt}")[0], data, Cache(tmp_path))
+    assert c.weights_key == a.weights_key
+    bad = tmp_path / "bad.pth"
+    torch.save({"nope": torch.zeros(1)}, bad)
+    with pytest.raises(DeryError, match="does not fit resnet10t"):
+        load_member(parse_zoo(f"resnet10t={bad}")[0], data, Cache(tmp_path))
+
+
+def test_missing_pretrained_weights_say_what_to_do(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DeryError) as info:
+        load_member(parse_zoo("resnet10t")[0], digits(32, probe=8), Cache(tmp_path))
+    msg = str(info.value)
+    assert "pretrained weights for resnet10t" in msg and "resnet10t=PATH" in msg and "resnet10t:random" in msg
+
+
+def test_target_registry() -> None:
+    names = set(registry())
+    assert {"cpu", "a100", "h100", "h200"} <= names
+    a100 = get_target("a100")
+    assert a100.backend == "tensorrt" and a100.peak_figure("tflops_fp16") == 312.0 and a100.matches("NVIDIA A100-SXM4-80GB")
+    assert not a100.matches("NVIDIA H100 80GB HBM3")
+    assert get_target("h200").backend == "torch-cuda"
+    with pytest.raises(DeryError, match="known targets: a100, cpu, h100, h200"):
+        get_target("gpu")

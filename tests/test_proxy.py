@@ -1,0 +1,81 @@
+"""proxy: the pairwise quality model is exact on single-switch assemblies; NASWOT and the probe are right."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dery.evaluate import accuracy, reference_labels
+from dery.passes.assemble import assemble
+from dery.passes.proxy import linear_probe, logit, naswot, quality, switch_accuracies
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_pairwise_model_predicts_every_single_switch_and_member_exactly(tiny) -> None:
+    q = quality(tiny.lowered, tiny.partition, tiny.stitches, tiny.data, tiny.cache, "pairwise")
+    switches, members, kind = switch_accuracies(tiny.lowered, tiny.partition, tiny.stitches, tiny.data, tiny.cache)
+    assert kind == "labels"
+    n = len(tiny.data.split("val"))
+    k = tiny.partition.k
+    for m, acc in members.items():
+        assert q.score((m,) * k) == pytest.approx(logit(acc, n))
+    labels, _ = reference_labels(tiny.zoo, tiny.data, "val")
+    checked = 0
+    for (a, b, j), acc in switches.items():
+        models = (a,) * (j + 1) + (b,) * (k - j - 1)
+        assert sigmoid(q.score(models)) == pytest.approx(min(max(acc, 0.5 / n), 1 - 0.5 / n), abs=1e-9)
+        if checked < 3:  # the cached accuracy is the real one
+            _, module = assemble(tiny.lowered, tiny.partition, tiny.stitches, models)
+            assert accuracy(module, tiny.data.images("val"), labels) == pytest.approx(acc)
+            checked += 1
+
+
+def test_member_accuracy_predictor_ignores_stitches(tiny) -> None:
+    q = quality(tiny.lowered, tiny.partition, tiny.stitches, tiny.data, tiny.cache, "member-acc")
+    a, b = tiny.partition.models[:2]
+    assert q.score((a, a, b)) == pytest.approx(q.unary[a, 0] + q.unary[a, 1] + q.unary[b, 2])
+
+
+def slow_naswot(codes: list[torch.Tensor]) -> float:
+    c = torch.cat(codes, 1).double()
+    n = c.shape[0]
+    k = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            k[i, j] = (c[i] == c[j]).sum()  # count of units where the two codes agree
+    return float(torch.linalg.slogdet(k)[1])
+
+
+def test_naswot_matches_the_hamming_kernel_definition() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        h1 = torch.relu(net[0](x))
+        h2 = torch.relu(net[2](h1))
+    expect = slow_naswot([(h1 > 0).float(), (h2 > 0).float()])
+    assert naswot(net, x, batches=1, batch=32) == pytest.approx(expect, rel=1e-9)
+
+
+def test_linear_probe_separates_separable_features_and_not_noise() -> None:
+    torch.manual_seed(0)
+    labels = torch.arange(200) % 4
+    feats = nn.functional.one_hot(labels, 4).float() * 3 + 0.1 * torch.randn(200, 4)
+
+    class Fixed(nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.f = f
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, idx):
+            return self.fc(self.f[idx])
+
+    idx = torch.arange(200)
+    assert linear_probe(Fixed(feats), idx, labels) == 1.0
+    assert linear_probe(Fixed(torch.randn(200, 4)), idx, labels) < 0.5
