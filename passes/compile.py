@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import dery
-from dery.backends import get_backend
+from dery.backends import get_backend, sidecar_path
 from dery.cache import atomic_write_json
 from dery.onnx_graph import INPUT, OUTPUT, export
 from dery.targets import Target, local_device_name
@@ -37,13 +37,18 @@ class Engine:
     input_shape: tuple[int, ...]
 
 
-def sidecar_path(engine: Path) -> Path:
-    return engine.with_name(engine.name + ".json")
+def check_inputs(shape: tuple[int, ...], samples: int = 4) -> torch.Tensor:
+    """The seeded inputs an engine's outputs are checked on: `samples` batches of `shape`."""
+    return torch.rand(samples, *shape, generator=torch.Generator().manual_seed(0))
 
 
 def compile_engine(module: nn.Module, input_shape: tuple[int, ...], target: Target, out_dir: Path,
-                   name: str = "model", extra: dict | None = None) -> Engine:
-    """Export, build and describe an engine for `target` in `out_dir` (the compile pass)."""
+                   name: str = "model") -> Engine:
+    """Export, build and describe an engine for `target` in `out_dir` (the compile pass).
+
+    The sidecar also keeps the float32 torch outputs on seeded inputs, so `dery bench`
+    can check any engine against the network it was compiled from.
+    """
     backend = get_backend(target.backend)
     shape = (target.batch, *input_shape)
     model = export(module, (torch.rand(*shape),), [INPUT], [OUTPUT])
@@ -51,11 +56,13 @@ def compile_engine(module: nn.Module, input_shape: tuple[int, ...], target: Targ
     backend.build_engine(model, module, shape, path, target)
     device = local_device_name(target) or "unknown"
     engine = Engine(path, sidecar_path(path), backend.NAME, backend.version(), device, target.precision, shape)
+    with torch.no_grad():
+        reference = [module(x).tolist() for x in check_inputs(shape)]
     atomic_write_json(engine.sidecar, {
         "schema": SIDECAR_SCHEMA, "dery_version": dery.__version__, "target": target.name,
         "backend": engine.backend, "backend_version": engine.backend_version, "device": device,
         "precision": target.precision, "input": {"name": INPUT, "shape": list(shape), "dtype": "float32"},
-        "output": {"name": OUTPUT}, "threads": target.threads,
+        "output": {"name": OUTPUT}, "threads": target.threads, **backend.engine_info(),
         "built": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
-        **(extra or {})})
+        "check": {"seed": 0, "samples": len(reference), "outputs": reference}})
     return engine

@@ -256,7 +256,8 @@ class Problem:
         for key in ("sets", "candidates", "transitions", "limits"):
             if key not in data:
                 raise _bad(key, "missing")
-        fixed = {k: _number(v, f"fixed.{k}", nonnegative=True)
+        # fixed may be negative: a calibration intercept takes back per-block call overheads
+        fixed = {k: _number(v, f"fixed.{k}", nonnegative=False)
                  for k, v in _object(data.get("fixed", {}), "fixed").items()}
         limits = {k: None if v is None else _number(v, f"limits.{k}", nonnegative=True)
                   for k, v in _object(data["limits"], "limits").items()}
@@ -862,23 +863,22 @@ def solve_file(path: str, time_limit_s: float | None = None) -> tuple[int, str, 
 
 
 def search_problem(partition: Partition, costs: Costs, quality: Quality, stitches: Stitches, *,
-                   limits: Mapping[str, float | None], calibration: Calibration | None = None) -> Problem:
+                   limits: Mapping[str, float | None], calibration: Calibration) -> Problem:
     """The reassembly search space as a dery.problem/1 instance.
 
     Candidate `m[k]` is model m's block in set k; transition `a[j] -> b[j+1]` is free when
     a == b and is the fitted stitch otherwise. Latencies are the measured medians put through
-    the target's additivity calibration (engine = intercept + scaled block and stitch sums).
+    the target's additivity calibration (engine = intercept + scaled block and stitch sums +
+    a per-stitch term), which is linear, so the program stays exact.
     """
     cal = calibration
-    scale_b, scale_s, per_s, fixed_ms = ((cal.block_scale, cal.stitch_scale, cal.per_stitch_ms, cal.intercept_ms)
-                                         if cal is not None else (1.0, 1.0, 0.0, 0.0))
     candidates = []
     for k in range(partition.k):
         for m in partition.models:
             block, rec = partition.block(m, k), costs.blocks[m, k]
             candidates.append(Candidate(
                 f"{m}[{k}]", k, quality.unary[m, k],
-                {"latency_ms": scale_b * rec.median_ms, "params": float(block.params), "flops": float(block.flops)},
+                {"latency_ms": cal.block_scale * rec.median_ms, "params": float(block.params), "flops": float(block.flops)},
                 {"model": m, **({"estimated": True} if rec.estimated else {})}))
     transitions = []
     for j in range(partition.k - 1):
@@ -894,10 +894,10 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
                 rec = costs.stitches[a, b, j]
                 transitions.append(Transition(
                     f"{a}[{j}]", f"{b}[{j + 1}]", quality.pairwise[a, b, j],
-                    {"latency_ms": scale_s * rec.median_ms + per_s, "params": float(st.params),
+                    {"latency_ms": cal.stitch_scale * rec.median_ms + cal.per_stitch_ms, "params": float(st.params),
                      "flops": float(st.flops)},
                     {"kind": st.kind, "r2": round(st.r2, 6), **({"estimated": True} if rec.estimated else {})}))
-    fixed = {"latency_ms": fixed_ms, "params": 0.0, "flops": 0.0}
+    fixed = {"latency_ms": cal.intercept_ms, "params": 0.0, "flops": 0.0}
     return Problem(partition.k, tuple(candidates), tuple(transitions), fixed, dict(limits))
 
 

@@ -16,12 +16,21 @@ Weights come in closed form from ridge least squares on probe features,
 accumulated as sufficient statistics batch by batch (memory does not grow with
 the number of images). The ridge strength is picked from a small grid by R^2 on
 the held-out val split, and that held-out R^2 is recorded as the fit quality.
+
+Two optional training steps start from an assembled network (see
+benchmarks/bench_reassembly.py): `refine_stitches` trains only the stitches of
+one assembly, end to end with cross-entropy, from the closed-form solution,
+everything else frozen; `fine_tune` trains a private copy of the whole
+assembly. Neither touches the zoo networks or the fitted `Stitches`.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +43,9 @@ from dery.data import Dataset
 from dery.errors import DeryError
 from dery.ir import CutPoint, Partition, Stitch
 from dery.passes.lower import Lowered
+
+if TYPE_CHECKING:
+    from dery.passes.assemble import Assembled
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
 GRID_LAYOUTS = ("nchw", "nhwc", "nlc")
@@ -331,3 +343,97 @@ def _store(cache: Cache, key: str, a: str, b: str, j: int, weights: dict[str, np
     path = cache.path("stitches", f"{key}-{a}-{b}-{j}", ".npz")
     atomic_write(path, lambda p: _save(weights, p))
     return path
+
+
+def _train_loss(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> float:
+    """Mean cross-entropy of an eval-mode module over a whole split."""
+    with torch.no_grad():
+        total = sum(float(F.cross_entropy(module(images[i:i + batch]), labels[i:i + batch], reduction="sum"))
+                    for i in range(0, images.shape[0], batch))
+    return total / images.shape[0]
+
+
+@contextlib.contextmanager
+def _trainable_only(module: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Within the block, exactly `params` require gradients; every flag is restored afterwards."""
+    keep = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Roll a batch by up to 2 px each way (the zoo's own training augmentation)."""
+    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def _train(module: nn.Module, params: Sequence[nn.Parameter], data: Dataset, labels: torch.Tensor, epochs: int,
+           lr: float, weight_decay: float, batch: int, seed: int, bn_train: bool, label: str) -> dict[str, float]:
+    """AdamW with a cosine schedule on `params` only, cross-entropy on the train split; losses before and after."""
+    images = data.images("train")
+    if labels.shape[0] != images.shape[0]:
+        raise DeryError(f"{label}: {labels.shape[0]} labels for {images.shape[0]} train images")
+    module.eval()
+    before = _train_loss(module, images, labels)
+    n = images.shape[0]
+    steps = epochs * ((n + batch - 1) // batch)
+    gen = torch.Generator().manual_seed(seed)
+    with _trainable_only(module, params):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+        module.train(bn_train)
+        with progress.task(label, epochs) as advance:
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=gen)
+                for i in range(0, n, batch):
+                    idx = order[i:i + batch]
+                    loss = F.cross_entropy(module(_shift(images[idx], gen)), labels[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                advance()
+        module.eval()
+    return {"loss_before": before, "loss_after": _train_loss(module, images, labels), "epochs": epochs,
+            "steps": steps, "trained_params": sum(p.numel() for p in params)}
+
+
+def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epochs: int, *, lr: float = 3e-3,
+                    weight_decay: float = 0.0, batch: int = 64, seed: int = 0) -> dict[str, float]:
+    """Train only the stitches of an assembly end to end from their closed-form fit; returns train losses.
+
+    The least-squares fit matches the target's features, not what the target's
+    classifier needs; a few epochs of cross-entropy through the frozen blocks
+    close that gap (`labels`: the train split's, or pseudo-labels from
+    `dery.evaluate.reference_labels`). Each stitch of `module` is first
+    replaced by a private copy, so the session's fitted `Stitches` (shared by
+    every assembly) stay as they are; blocks stay frozen, BatchNorm in eval
+    mode (no running statistics move). Deterministic for a seed.
+    """
+    for i, part in enumerate(module.parts):
+        if isinstance(part, StitchModule):
+            module.parts[i] = copy.deepcopy(part)
+    params = [p for part in module.parts if isinstance(part, StitchModule) for p in part.parameters()]
+    if not params:
+        loss = _train_loss(module.eval(), data.images("train"), labels)
+        return {"loss_before": loss, "loss_after": loss, "epochs": 0, "steps": 0, "trained_params": 0}
+    return _train(module, params, data, labels, epochs, lr, weight_decay, batch, seed, bn_train=False,
+                  label="refining stitches")
+
+
+def fine_tune(module: Assembled, data: Dataset, labels: torch.Tensor, epochs: int, *, lr: float = 1e-3,
+              weight_decay: float = 0.01, batch: int = 64, seed: int = 0) -> tuple[Assembled, dict[str, float]]:
+    """A short fine-tune of a deep copy of the whole assembly; returns the copy and its train losses.
+
+    Blocks share their parameters with the zoo networks, so training happens on
+    a copy: the zoo, the session's stitches and `module` are left untouched.
+    """
+    tuned = copy.deepcopy(module)
+    return tuned, _train(tuned, list(tuned.parameters()), data, labels, epochs, lr, weight_decay, batch, seed,
+                         bn_train=True, label="fine-tuning")

@@ -7,28 +7,27 @@ rerunning the same compile reports the same numbers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-from dery.backends import get_backend
-from dery.cache import Cache, content_key
+import numpy as np
+
+from dery.backends import get_backend, sidecar_path
+from dery.cache import Cache, content_key, damaged, read_json
+from dery.errors import USAGE, DeryError
+from dery.ir import Partition
 from dery.measure import Method, Timing
-from dery.targets import Target, local_device_name
+from dery.passes.lower import Lowered
+from dery.passes.stitch import Stitches
+from dery.targets import Target, get_target, local_device_name
 
 
-@dataclass(frozen=True)
-class Round:
-    """One closed-loop round: what was solved, predicted and measured."""
-
-    round: int
-    limit_ms: float
-    chosen: tuple[str, ...]
-    predicted_ms: float
-    measured_ms: float | None
-    p90_ms: float | None
-    cv: float | None
-    within_budget: bool
-    score: float
+def identity(models: Sequence[str], partition: Partition, stitches: Stitches, zoo: Sequence[Lowered]) -> str:
+    """What makes two engines the same: blocks, their weights, and the stitch weights."""
+    weights = {lw.name: lw.network.weights_key for lw in zoo}
+    parts = [(m, partition.block(m, k).fingerprint, weights[m]) for k, m in enumerate(models)]
+    joins = [stitches.get(a, b, j).weights for j, (a, b) in enumerate(zip(models, models[1:])) if a != b]
+    return content_key("assembly", parts, joins)
 
 
 def measure_engine(path: Path, identity: str, target: Target, cache: Cache, method: Method = Method()) -> Timing:
@@ -44,3 +43,46 @@ def measure_engine(path: Path, identity: str, target: Target, cache: Cache, meth
 def next_limit(limit_ms: float, budget_ms: float, measured_ms: float) -> float:
     """Tighten the program's latency limit by the observed relative error (always strictly down)."""
     return min(limit_ms * budget_ms / measured_ms, limit_ms * (1 - 1e-6))
+
+
+TOLERANCE = {"fp32": (1e-4, "absolute"), "fp16": (1e-2, "relative"), "bf16": (2e-2, "relative")}
+
+
+def output_error(got: np.ndarray, ref: np.ndarray, precision: str) -> tuple[float, float, bool]:
+    """(error, tolerance, ok): max abs difference for fp32; relative to the largest output for fp16/bf16."""
+    tol, kind = TOLERANCE[precision]
+    diff = float(np.abs(got - ref).max())
+    err = diff if kind == "absolute" else diff / max(float(np.abs(ref).max()), 1e-12)
+    return err, tol, err <= tol
+
+
+def bench(path: Path, method: Method = Method()) -> dict:
+    """`dery bench`: load any engine dery made, check its outputs against the compiled network, time it."""
+    from dery.passes.compile import check_inputs
+
+    if not path.is_file():
+        raise DeryError(f"engine {path} does not exist", exit_code=USAGE)
+    side_path = sidecar_path(path)
+    if not side_path.is_file():
+        raise DeryError(f"{path} has no sidecar {side_path.name}: not an engine dery made (or the sidecar was "
+                        f"not copied with it)", exit_code=USAGE)
+    side = read_json(side_path, "engine sidecar")
+    try:
+        target = get_target(side["target"])
+        backend = get_backend(side["backend"])
+        shape = tuple(side["input"]["shape"])
+        reference = np.asarray(side["check"]["outputs"], dtype=np.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise damaged(side_path, "engine sidecar", repr(e)) from e
+    reason = backend.unavailable(target)
+    if reason is not None:
+        raise DeryError(f"cannot run {path} here: {reason}")
+    runner = backend.load_engine(path, target)
+    got = np.stack([runner(x.numpy()) for x in check_inputs(shape, len(reference))])
+    err, tol, ok = output_error(got, reference, side["precision"])
+    timing = backend.time_engine(path, target, method)
+    return {"engine": str(path), "backend": backend.NAME, "backend_version": backend.version(),
+            "target": target.name, "precision": side["precision"], "input_shape": list(shape),
+            "median_ms": timing.median_ms, "p90_ms": timing.p90_ms, "min_ms": timing.min_ms, "cv": timing.cv,
+            "runs": timing.runs, "recorded_ms": side.get("measured_latency_ms"),
+            "output_check": {"error": err, "tolerance": tol, "kind": TOLERANCE[side["precision"]][1], "ok": ok}}

@@ -159,6 +159,45 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .driver import CompileConfig, front
+    from .profile_store import merge_tables
+
+    if args.merge:
+        if args.output is None:
+            raise DeryError("--merge needs -o/--output FILE for the merged table", exit_code=2)
+        summary = merge_tables(list(args.merge), args.output)
+        print(f"merged {summary['inputs']} tables: {summary['records']} records, "
+              f"{summary['calibration_points']} calibration points -> {args.output}")
+        return 0
+    if args.target is None:
+        raise DeryError("dery profile needs --target (or --merge A.json B.json -o C.json)", exit_code=2)
+    s = front(CompileConfig(target=args.target, latency_ms=1.0, zoo=args.zoo, data=args.data, k=args.k,
+                            balance=args.balance, slack=args.slack, similarity=args.similarity, probe=args.probe,
+                            seed=args.seed))
+    cal = s.calibration
+    print(f"{s.target.name}: measured {s.costs.measured} pieces, reused {s.costs.reused} from {s.store.path}; "
+          f"calibration from {cal.points} engines: engine = {cal.intercept_ms:+.4f} ms + {cal.block_scale:.3f} x "
+          f"blocks + {cal.stitch_scale:.3f} x stitches {cal.per_stitch_ms:+.4f} ms per stitch")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .passes.verify import bench
+
+    doc = bench(args.engine)
+    check = doc["output_check"]
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{doc['engine']}: {doc['backend']} {doc['backend_version']} on {doc['target']} ({doc['precision']}): "
+              f"median {doc['median_ms']:.4g} ms, p90 {doc['p90_ms']:.4g} ms, cv {doc['cv']:.2f}, {doc['runs']} runs"
+              + (f" (recorded at build: {doc['recorded_ms']:.4g} ms)" if doc["recorded_ms"] else ""))
+        print(f"outputs vs the compiled network: {check['kind']} error {check['error']:.3g} "
+              f"(tolerance {check['tolerance']:g}) -> {'ok' if check['ok'] else 'MISMATCH'}")
+    return 0 if check["ok"] else FAILED
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     from .backends import get_backend
     from .targets import local_device_name, registry
@@ -224,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(handler=cmd_partition)
+    p = sub.add_parser("profile", help="measure every missing latency record of a zoo on a target; or merge tables")
+    p.add_argument("--target", help="target to measure (its device must be this machine's)")
+    _zoo_args(p)
+    p.add_argument("--merge", nargs="+", type=Path, metavar="TABLE", help="profile tables to merge")
+    p.add_argument("-o", "--output", type=Path, help="where --merge writes the merged table")
+    _common(p)
+    p.set_defaults(handler=cmd_profile)
+    p = sub.add_parser("bench", help="load and time an engine dery made, checking its outputs")
+    p.add_argument("engine", type=Path)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(handler=cmd_bench)
     p = sub.add_parser("targets", help="list targets and whether they can run here")
     _common(p)
     p.set_defaults(handler=cmd_targets)

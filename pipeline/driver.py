@@ -1,6 +1,6 @@
 """The driver: runs the passes in one explicit order and closes the latency loop.
 
-    zoo -> lower -> similarity -> partition -> stitch -> profile -> proxy
+    zoo -> lower -> similarity -> partition -> stitch -> profile -> calibrate -> proxy
         -> [solve -> assemble -> compile -> verify] (repeated while over budget)
         -> report
 
@@ -31,8 +31,8 @@ from .profile_store import ProfileStore
 from .targets import Target, get_target, local_device_name
 from .zoo import Network, load_zoo, native_resolution, parse_zoo
 
-PASSES = ("zoo", "lower", "similarity", "partition", "stitch", "profile", "proxy", "solve", "assemble", "compile",
-          "verify", "report")
+PASSES = ("zoo", "lower", "similarity", "partition", "stitch", "profile", "calibrate", "proxy", "solve", "assemble",
+          "compile", "verify", "report")
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ class Session:
     partition: Partition
     stitches: Any
     costs: Any
+    calibration: Any
     quality: Any
     store: ProfileStore
     timings: dict[str, float] = field(default_factory=dict)
@@ -133,7 +134,8 @@ def cached_partition(cfg: CompileConfig, lowered: tuple, data: Dataset, cache: C
 
 
 def front(cfg: CompileConfig, *, require_device: bool = True) -> Session:
-    """zoo -> lower -> similarity -> partition -> stitch -> profile -> proxy."""
+    """zoo -> lower -> similarity -> partition -> stitch -> profile -> calibrate -> proxy."""
+    from dery.passes.calibrate import calibrate
     from dery.passes.lower import lower
     from dery.passes.profile import profile
     from dery.passes.proxy import quality
@@ -157,9 +159,11 @@ def front(cfg: CompileConfig, *, require_device: bool = True) -> Session:
     store = ProfileStore(cache, target.name)
     with stage("profile", timings):
         costs = profile(lowered, part, stitches, target, store, cache, method=Method())
+    with stage("calibrate", timings):
+        cal = calibrate(lowered, part, stitches, costs, target, store, cache, seed=cfg.seed)
     with stage("proxy", timings):
         qual = quality(lowered, part, stitches, data, cache, cfg.predictor)
-    return Session(cfg, target, cache, data, zoo, lowered, part, stitches, costs, qual, store, timings)
+    return Session(cfg, target, cache, data, zoo, lowered, part, stitches, costs, cal, qual, store, timings)
 
 
 def run_compile(cfg: CompileConfig) -> dict:
@@ -250,10 +254,7 @@ class Search:
         from dery.passes.solve import search_problem
 
         s, cfg = self.s, self.s.config
-        backend = get_backend(s.target.backend)
-        device = local_device_name(s.target) or ""
-        cal = s.store.calibration(device, backend.NAME, backend.version())
-        return search_problem(s.partition, s.costs, s.quality, s.stitches, calibration=cal,
+        return search_problem(s.partition, s.costs, s.quality, s.stitches, calibration=s.calibration,
                               limits={"latency_ms": limit_ms, "params": cfg.params_limit, "flops": cfg.flops_limit})
 
     def proxy(self, models: tuple[str, ...]) -> float:
@@ -286,7 +287,7 @@ class Search:
         from dery.passes.assemble import assemble
         from dery.passes.compile import compile_engine
         from dery.passes.solve import chosen_models
-        from dery.passes.verify import measure_engine
+        from dery.passes.verify import identity, measure_engine
 
         s = self.s
         models = chosen_models(solution)
@@ -294,10 +295,9 @@ class Search:
             assembly, module = assemble(s.lowered, s.partition, s.stitches, models)
         with stage("compile", s.timings):
             engine = compile_engine(module, s.zoo[0].input_shape, s.target, self.workdir, name)
-        identity = content_key([(b.model, b.first, b.last, b.fingerprint) for b in assembly.blocks],
-                               [n.weights_key for n in s.zoo], [st.weights if st else None for st in assembly.stitches])
         with stage("verify", s.timings):
-            timing = measure_engine(engine.path, identity, s.target, s.cache)
+            timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered), s.target,
+                                    s.cache)
         return Result(solution, models, assembly, module, engine, timing, proxy)
 
     def best(self, limit_ms: float, exclude: list[tuple[str, ...]]) -> Result | None:

@@ -1,19 +1,24 @@
-"""The profile store: latency records and additivity calibrations, by target.
+"""The profile store: latency records and additivity calibration points, by target.
 
 Records are keyed by what decides a latency: block fingerprint, target, device
-name, backend and its version, precision, batch and input shape. Two sources
-are read: tables shipped with dery (profiles/<target>/*.json) and the user's
-own measurements (<cache>/profiles/<target>.json). Every new record is written
-at once, atomically, so an interrupted `dery profile` resumes where it stopped.
-A file that cannot be read is reported by path and never overwritten.
+name, backend and its version, precision, batch and input shape. Calibration
+points are whole-engine measurements of assemblies next to the sums of their
+block and stitch records; the correction model is fitted from them when asked
+(never stored twice). Two sources are read: tables shipped with dery
+(profiles/<target>/*.json) and the user's own measurements
+(<cache>/profiles/<target>.json). Every new record or point is written at once,
+atomically, so an interrupted `dery profile` resumes where it stopped. A file
+that cannot be read is reported by path and never overwritten.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .cache import Cache, atomic_write_json, read_json
 from .errors import USAGE, DeryError
@@ -24,33 +29,71 @@ SCHEMA = "dery.profile/1"
 
 
 @dataclasses.dataclass(frozen=True)
-class Calibration:
-    """Engine latency ~= intercept + block_scale * sum(blocks) + stitch_scale * sum(stitches) + per_stitch * #stitches."""
+class CalibrationPoint:
+    """One measured engine: its latency and the sums the program would have predicted it from."""
 
     target: str
     device: str
     backend: str
     backend_version: str
-    intercept_ms: float
-    block_scale: float
-    stitch_scale: float
-    per_stitch_ms: float
-    points: int
-    max_error: float
+    precision: str
+    batch: int
+    assembly: str
+    blocks_ms: float
+    stitches_ms: float
+    stitches: int
+    measured_ms: float
+    when: str
 
     @property
     def key(self) -> str:
-        return "|".join((self.target, self.device, self.backend, self.backend_version))
+        return "|".join((self.target, self.device, self.backend, self.backend_version, self.precision,
+                         str(self.batch), self.assembly))
+
+    @property
+    def group(self) -> tuple[str, str, str, str, str, int]:
+        return (self.target, self.device, self.backend, self.backend_version, self.precision, self.batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """engine ~= intercept + block_scale * sum(blocks) + stitch_scale * sum(stitches) + per_stitch * #stitches.
+
+    Block sums miss what the whole engine shares (one call instead of one per
+    block, fusion across boundaries) and what each stitch adds beyond its own
+    graph; the four terms are fitted to relative error, shrunk towards the
+    plain sum (0, 1, 1, 0) so that a handful of points cannot run away.
+    """
+
+    intercept_ms: float = 0.0
+    block_scale: float = 1.0
+    stitch_scale: float = 1.0
+    per_stitch_ms: float = 0.0
+    points: int = 0
+    max_error: float = 0.0
 
     def predict(self, blocks_ms: float, stitches_ms: float, stitches: int) -> float:
-        return self.intercept_ms + self.block_scale * blocks_ms + self.stitch_scale * stitches_ms \
-            + self.per_stitch_ms * stitches
+        return (self.intercept_ms + self.block_scale * blocks_ms + self.stitch_scale * stitches_ms
+                + self.per_stitch_ms * stitches)
 
 
-IDENTITY = dict(intercept_ms=0.0, block_scale=1.0, stitch_scale=1.0, per_stitch_ms=0.0, points=0, max_error=0.0)
+def fit_calibration(points: Sequence[CalibrationPoint], shrink: float = 1e-3) -> Calibration:
+    """The correction model of a set of points (the plain sum when there are fewer than two)."""
+    if len(points) < 2:
+        return Calibration(points=len(points))
+    y = np.array([p.measured_ms for p in points])
+    f = np.array([[1.0, p.blocks_ms, p.stitches_ms, float(p.stitches)] for p in points])
+    scale = float(np.median(y))
+    prior = np.array([0.0, 1.0, 1.0, 0.0])
+    unit = np.array([1 / scale, 1.0, 1.0, 1 / scale])  # intercept and per-stitch terms in relative units
+    a = np.vstack([f / y[:, None], np.sqrt(shrink) * np.diag(unit)])
+    b = np.concatenate([np.ones(len(y)), np.sqrt(shrink) * unit * prior])
+    theta = np.linalg.lstsq(a, b, rcond=None)[0]
+    err = np.abs(f @ theta / y - 1.0)
+    return Calibration(*map(float, theta), points=len(points), max_error=float(err.max()))
 
 
-def _parse(path: Path) -> tuple[list[LatencyRecord], list[Calibration]]:
+def _parse(path: Path) -> tuple[list[LatencyRecord], list[CalibrationPoint]]:
     raw = read_json(path, "profile")
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         found = raw.get("schema") if isinstance(raw, dict) else type(raw).__name__
@@ -58,18 +101,18 @@ def _parse(path: Path) -> tuple[list[LatencyRecord], list[Calibration]]:
                         f"delete it to re-measure")
     try:
         records = [from_json(LatencyRecord, r) for r in raw.get("records", [])]
-        calibrations = [from_json(Calibration, c) for c in raw.get("calibrations", [])]
+        points = [from_json(CalibrationPoint, c) for c in raw.get("calibration", [])]
     except (KeyError, TypeError, ValueError) as e:
         raise DeryError(f"damaged profile file {path}: bad record ({e!r}); move it away or delete it to "
                         f"re-measure") from e
-    return records, calibrations
+    return records, points
 
 
-def write_table(path: Path, records: Iterable[LatencyRecord], calibrations: Iterable[Calibration]) -> None:
-    """Write a profile file atomically, records sorted by key (deterministic bytes)."""
+def write_table(path: Path, records: Iterable[LatencyRecord], points: Iterable[CalibrationPoint]) -> None:
+    """Write a profile file atomically, entries sorted by key (deterministic bytes)."""
     atomic_write_json(path, {"schema": SCHEMA,
                              "records": [to_json(r) for r in sorted(records, key=lambda r: r.key)],
-                             "calibrations": [to_json(c) for c in sorted(calibrations, key=lambda c: c.key)]})
+                             "calibration": [to_json(c) for c in sorted(points, key=lambda c: c.key)]})
 
 
 def shipped_tables(target: str) -> list[Path]:
@@ -85,27 +128,25 @@ class ProfileStore:
         self.target = target
         self.path = cache.root / "profiles" / f"{target}.json"
         self.records: dict[str, LatencyRecord] = {}
-        self.calibrations: dict[str, Calibration] = {}
+        self.points: dict[str, CalibrationPoint] = {}
         self._own: dict[str, LatencyRecord] = {}
-        self._own_cal: dict[str, Calibration] = {}
+        self._own_points: dict[str, CalibrationPoint] = {}
         for p in [*shipped_tables(target), *extra]:
-            recs, cals = _parse(p)
-            self._absorb(recs, cals, own=False)
+            self._absorb(*_parse(p), own=False)
         if self.path.exists():
-            recs, cals = _parse(self.path)
-            self._absorb(recs, cals, own=True)
+            self._absorb(*_parse(self.path), own=True)
 
-    def _absorb(self, records: list[LatencyRecord], calibrations: list[Calibration], own: bool) -> None:
+    def _absorb(self, records: list[LatencyRecord], points: list[CalibrationPoint], own: bool) -> None:
         for r in records:
             if r.target == self.target:
                 self.records[r.key] = r
                 if own:
                     self._own[r.key] = r
-        for c in calibrations:
+        for c in points:
             if c.target == self.target:
-                self.calibrations[c.key] = c
+                self.points[c.key] = c
                 if own:
-                    self._own_cal[c.key] = c
+                    self._own_points[c.key] = c
 
     def get(self, probe: LatencyRecord) -> LatencyRecord | None:
         """The stored record with the same key as `probe` (whose timing fields are ignored)."""
@@ -124,36 +165,43 @@ class ProfileStore:
         self._own[record.key] = record
         self._save()
 
-    def calibration(self, device: str, backend: str, backend_version: str) -> Calibration | None:
-        return self.calibrations.get("|".join((self.target, device, backend, backend_version)))
-
-    def set_calibration(self, cal: Calibration) -> None:
-        self.calibrations[cal.key] = cal
-        self._own_cal[cal.key] = cal
+    def add_point(self, point: CalibrationPoint) -> None:
+        """Store a calibration point and write the user's file at once."""
+        self.points[point.key] = point
+        self._own_points[point.key] = point
         self._save()
+
+    def calibration_points(self, group: tuple[str, str, str, str, str, int]) -> list[CalibrationPoint]:
+        """Points measured with one (target, device, backend, version, precision, batch), in key order."""
+        return sorted((p for p in self.points.values() if p.group == group), key=lambda p: p.key)
+
+    def calibration(self, group: tuple[str, str, str, str, str, int]) -> Calibration:
+        """The correction model fitted to a group's points (the plain sum without points)."""
+        return fit_calibration(self.calibration_points(group))
 
     def _save(self) -> None:
         try:
-            write_table(self.path, self._own.values(), self._own_cal.values())
+            write_table(self.path, self._own.values(), self._own_points.values())
         except OSError as e:
             raise DeryError(f"cannot write profile file {self.path}: {e.strerror or e}") from e
 
 
 def merge_tables(inputs: list[Path], output: Path) -> dict[str, Any]:
-    """Merge profile files measured on different machines; on a key clash the newer record wins."""
+    """Merge profile files measured on different machines; on a key clash the newer entry wins."""
     records: dict[str, LatencyRecord] = {}
-    calibrations: dict[str, Calibration] = {}
+    points: dict[str, CalibrationPoint] = {}
     for p in inputs:
         if not p.is_file():
             raise DeryError(f"profile file {p} does not exist", exit_code=USAGE)
-        recs, cals = _parse(p)
+        recs, pts = _parse(p)
         for r in recs:
             if r.key not in records or r.when > records[r.key].when:
                 records[r.key] = r
-        for c in cals:
-            calibrations[c.key] = c
+        for c in pts:
+            if c.key not in points or c.when > points[c.key].when:
+                points[c.key] = c
     try:
-        write_table(output, records.values(), calibrations.values())
+        write_table(output, records.values(), points.values())
     except OSError as e:
         raise DeryError(f"cannot write {output}: {e.strerror or e}", exit_code=USAGE) from e
-    return {"records": len(records), "calibrations": len(calibrations), "inputs": len(inputs)}
+    return {"records": len(records), "calibration_points": len(points), "inputs": len(inputs)}

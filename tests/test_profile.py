@@ -142,3 +142,30 @@ def test_records_serialise_exactly() -> None:
 
     assert from_json(LatencyRecord, json.loads(json.dumps(to_json(r)))) == r
     assert dataclasses.replace(r, median_ms=9.0).key == r.key
+
+
+def test_calibration_recovers_a_planted_correction() -> None:
+    from dery.profile_store import CalibrationPoint, fit_calibration
+
+    rng = np.random.default_rng(0)
+    pts = []
+    for i in range(30):
+        b, s, n = rng.uniform(0.5, 2.0), rng.uniform(0.0, 0.3), int(rng.integers(0, 4))
+        y = -0.05 + 0.9 * b + 1.5 * s + 0.02 * n
+        pts.append(CalibrationPoint("cpu", "d", "onnxruntime", "1", "fp32", 1, f"a{i}", b, s, n, y, "t"))
+    cal = fit_calibration(pts)
+    assert cal.points == 30 and cal.max_error < 0.01
+    assert cal.block_scale == pytest.approx(0.9, abs=0.02) and cal.stitch_scale == pytest.approx(1.5, abs=0.1)
+    assert cal.predict(1.0, 0.1, 2) == pytest.approx(-0.05 + 0.9 + 0.15 + 0.04, rel=0.02)
+    single = fit_calibration(pts[:1])
+    assert (single.block_scale, single.intercept_ms, single.points) == (1.0, 0.0, 1)
+
+
+def test_calibration_points_of_the_zoo_are_stored_once(tiny) -> None:
+    from dery.passes.calibrate import calibrate, group_of
+
+    group = group_of(tiny.target)
+    before = tiny.store.calibration_points(group)
+    assert len(before) >= len(tiny.lowered) + 1 and any(p.stitches > 0 for p in before)
+    cal = calibrate(tiny.lowered, tiny.partition, tiny.stitches, tiny.costs, tiny.target, tiny.store, tiny.cache)
+    assert tiny.store.calibration_points(group) == before and cal == tiny.calibration

@@ -343,3 +343,15 @@ def test_min_and_max_achievable_match_enumeration():
         min_achievable(p, "latency")
     disconnected = Problem(2, (Candidate("a", 0, 1.0), Candidate("b", 1, 1.0)), ())
     assert math.isinf(min_achievable(disconnected, "latency_ms"))
+
+
+def test_a_negative_fixed_term_is_a_correction_that_counts_in_totals_and_limits() -> None:
+    doc = {"schema": "dery.problem/1", "sets": 2,
+           "candidates": [{"id": "a0", "set": 0, "latency_ms": 1.0, "score": 1.0},
+                          {"id": "b0", "set": 0, "latency_ms": 2.0, "score": 2.0},
+                          {"id": "a1", "set": 1, "latency_ms": 1.0, "score": 0.0}],
+           "transitions": [{"from": "a0", "to": "a1"}, {"from": "b0", "to": "a1"}],
+           "fixed": {"latency_ms": -0.5}, "limits": {"latency_ms": 2.5}}
+    sol = solve(Problem.from_json(doc))
+    assert sol.chosen == ("b0", "a1") and sol.totals["latency_ms"] == pytest.approx(2.5)
+    assert brute_force(Problem.from_json(doc)).objective == sol.objective

@@ -8,15 +8,17 @@ here and, if not, why.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 import torch.nn as nn
 
+from ..cache import damaged, read_json
 from ..errors import USAGE, DeryError
 from ..measure import Method, Timing
 from ..targets import Target
@@ -53,11 +55,39 @@ class Backend(Protocol):
 
     def unavailable(self, target: Target) -> str | None: ...
     def version(self) -> str: ...
+    def engine_info(self) -> dict[str, str]: ...
     def measure(self, piece: Piece, target: Target, method: Method) -> Timing: ...
     def build_engine(self, model: onnx.ModelProto, module: nn.Module, input_shape: tuple[int, ...],
                      path: Path, target: Target) -> Path: ...
     def load_engine(self, path: Path, target: Target) -> Runner: ...
     def time_engine(self, path: Path, target: Target, method: Method) -> Timing: ...
+
+
+def sidecar_path(engine: Path) -> Path:
+    """Where the compile pass writes what an engine was built for: `<engine>.json`."""
+    return engine.with_name(engine.name + ".json")
+
+
+def check_sidecar(path: Path, expected: dict[str, Any], *, strict: bool, advice: str) -> list[str]:
+    """Compare an engine's sidecar (if present) with this machine; refuse (strict) or warn on differences."""
+    side = sidecar_path(path)
+    if not side.exists():
+        return []
+    recorded = read_json(side, "engine sidecar")
+    if not isinstance(recorded, dict):
+        raise damaged(side, "engine sidecar", "not a JSON object")
+    seen: set[tuple[str, str]] = set()
+    differences = []
+    for key, here in expected.items():
+        if key in recorded and recorded[key] != here and (str(recorded[key]), str(here)) not in seen:
+            seen.add((str(recorded[key]), str(here)))
+            differences.append(f"{key} {recorded[key]!r} (this machine: {here!r})")
+    if differences:
+        message = f"engine {path} was built for another setup: {'; '.join(differences)}; {advice}"
+        if strict:
+            raise DeryError(message)
+        warnings.warn(message, stacklevel=2)
+    return differences
 
 
 def get_backend(name: str) -> Backend:

@@ -16,7 +16,7 @@ from ..cache import atomic_write
 from ..errors import DeryError
 from ..measure import Method, Timing, measure as measure_step
 from ..targets import Target
-from . import Piece
+from . import Piece, check_sidecar
 
 NAME = "onnxruntime"
 ENGINE_SUFFIX = ".onnx"
@@ -37,6 +37,13 @@ def version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
+
+
+def engine_info() -> dict[str, str]:
+    """What an ONNX Runtime engine's latency is tied to (the file itself is portable)."""
+    from ..targets import cpu_name
+
+    return {"cpu": cpu_name()}
 
 
 def session(model: bytes | str, target: Target, *, optimized_path: Path | None = None):
@@ -97,11 +104,21 @@ class _Runner:
         return self.sess.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
+def _check(path: Path) -> None:
+    from ..targets import cpu_name
+
+    check_sidecar(path, {"backend": NAME}, strict=True, advice=f"this file is not an {NAME} engine")
+    check_sidecar(path, {"backend_version": version(), "cpu": cpu_name()}, strict=False,
+                  advice="the ONNX file runs anywhere, but its recorded latency was measured elsewhere")
+
+
 def load_engine(path: Path, target: Target) -> _Runner:
-    """An ONNX Runtime session over an engine file."""
+    """An ONNX Runtime session over an engine file (warns when it was built on another setup)."""
+    _check(path)
     return _Runner(session(str(path), target))
 
 
 def time_engine(path: Path, target: Target, method: Method) -> Timing:
     """Median end-to-end latency of an engine file."""
+    _check(path)
     return _time(session(str(path), target), target, method)
