@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dery import progress
-from dery.backends import get_backend
+from dery.backends import availability, get_backend
 from dery.cache import Cache
 from dery.ir import Partition
 from dery.measure import Method
@@ -29,16 +29,15 @@ from dery.passes.profile import Costs
 from dery.passes.stitch import Stitches
 from dery.passes.verify import identity, measure_engine
 from dery.profile_store import Calibration, CalibrationPoint, ProfileStore
-from dery.targets import Target, local_device_name
+from dery.targets import Target
 
 Group = tuple[str, str, str, str, str, int]
 
 
-def group_of(target: Target, device: str | None = None) -> Group:
-    """The calibration group of a target here: (target, device, backend, version, precision, batch)."""
+def group_of(target: Target, device: str) -> Group:
+    """The calibration group of a target on a device: (target, device, backend, version, precision, batch)."""
     backend = get_backend(target.backend)
-    dev = device if device is not None else (local_device_name(target) or "")
-    return (target.name, dev, backend.NAME, backend.version(), target.precision, target.batch)
+    return (target.name, device, backend.NAME, backend.version(), target.precision, target.batch)
 
 
 def sums(models: Sequence[str], partition: Partition, costs: Costs) -> tuple[float, float, int]:
@@ -80,10 +79,14 @@ def engine_latency(models: tuple[str, ...], zoo: Sequence[Lowered], partition: P
 
 def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, costs: Costs, target: Target,
               store: ProfileStore, cache: Cache, *, assemblies: int = 8, seed: int = 0) -> Calibration:
-    """The calibrate pass: add this zoo's points when the target is here, then fit all of the group's points."""
-    group = group_of(target)
-    if not group[1]:
-        return store.calibration(group)
+    """The calibrate pass: add this zoo's points when the target is here, then fit all of the group's points.
+
+    Without the device, the stored points of the best-covered matching device are used (none: the plain sum).
+    """
+    device, _ = availability(target)
+    if device is None:
+        return store.calibration_for(target)
+    group = group_of(target, device)
     known = {p.assembly for p in store.calibration_points(group)}
     when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 

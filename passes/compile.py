@@ -12,14 +12,15 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
 import torch.nn as nn
 
 import dery
-from dery.backends import get_backend, sidecar_path
-from dery.cache import atomic_write_json
+from dery.backends import availability, get_backend, sidecar_path
+from dery.cache import atomic_write_bytes, atomic_write_json
 from dery.onnx_graph import INPUT, OUTPUT, export
-from dery.targets import Target, local_device_name
+from dery.targets import Target
 
 SIDECAR_SCHEMA = "dery.engine/1"
 
@@ -52,17 +53,25 @@ def compile_engine(module: nn.Module, input_shape: tuple[int, ...], target: Targ
     backend = get_backend(target.backend)
     shape = (target.batch, *input_shape)
     model = export(module, (torch.rand(*shape),), [INPUT], [OUTPUT])
-    path = out_dir / f"{name}{backend.ENGINE_SUFFIX}"
-    backend.build_engine(model, module, shape, path, target)
-    device = local_device_name(target) or "unknown"
-    engine = Engine(path, sidecar_path(path), backend.NAME, backend.version(), device, target.precision, shape)
+    device, reason = availability(target)
+    if device is None:
+        # Nothing can be built for a device that is not here: hand over the graph its builder parses.
+        path = atomic_write_bytes(out_dir / f"{name}.onnx", model.SerializeToString())
+        built = {"built": False, "build_on": f"{target.device} matching {target.device_pattern!r}",
+                 "why_not_built": reason}
+        engine = Engine(path, sidecar_path(path), "onnx", onnx.__version__, "none", target.precision, shape)
+    else:
+        path = out_dir / f"{name}{backend.ENGINE_SUFFIX}"
+        backend.build_engine(model, module, shape, path, target)
+        built = {**backend.engine_info(),
+                 "built": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
+        engine = Engine(path, sidecar_path(path), backend.NAME, backend.version(), device, target.precision, shape)
     with torch.no_grad():
         reference = [module(x).tolist() for x in check_inputs(shape)]
     atomic_write_json(engine.sidecar, {
         "schema": SIDECAR_SCHEMA, "dery_version": dery.__version__, "target": target.name,
-        "backend": engine.backend, "backend_version": engine.backend_version, "device": device,
+        "backend": engine.backend, "backend_version": engine.backend_version, "device": engine.device,
         "precision": target.precision, "input": {"name": INPUT, "shape": list(shape), "dtype": "float32"},
-        "output": {"name": OUTPUT}, "threads": target.threads, **backend.engine_info(),
-        "built": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "output": {"name": OUTPUT}, "threads": target.threads, **built,
         "check": {"seed": 0, "samples": len(reference), "outputs": reference}})
     return engine

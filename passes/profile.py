@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from dery import progress
-from dery.backends import Backend, Piece, get_backend
+from dery.backends import Backend, Piece, availability, get_backend
 from dery.cache import Cache, content_key
 from dery.errors import DeryError
 from dery.ir import LatencyRecord, Partition
@@ -30,7 +30,7 @@ from dery.onnx_graph import INPUT, OUTPUT, cut_tensor, export, extract
 from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
 from dery.profile_store import ProfileStore
-from dery.targets import Target, local_device_name
+from dery.targets import Target
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,6 +113,32 @@ def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, bat
     return out
 
 
+def segment_pieces(zoo: Sequence[Lowered], batch: int, cache: Cache) -> dict[tuple, Piece]:
+    """The segments between consecutive boundary cuts of every network: ("segment", model, first, last)."""
+    out: dict[tuple, Piece] = {}
+    for lw in zoo:
+        cuts = [c.name for c in lw.boundary_cuts()]
+        model = network_onnx(lw, cuts, batch, cache)
+        names = [INPUT, *map(cut_tensor, cuts), OUTPUT]
+        bounds: list[str | None] = [None, *cuts, None]
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            shape = lw.network.input_shape if a is None else lw.cut(a).shape[1:]
+            out["segment", lw.name, a, b] = Piece(f"{lw.name}[{a or 'input'}..{b or 'logits'}]", lw.fingerprint(a, b),
+                                                  tuple(shape), extract(model, names[i], names[i + 1]),
+                                                  lambda lw=lw, a=a, b=b: lw.segment(a, b))
+    return out
+
+
+def segment_latencies(zoo: Sequence[Lowered], target: Target, store: ProfileStore, cache: Cache, *,
+                      method: Method = Method(),
+                      on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
+                      ) -> dict[tuple[str, str | None, str | None], float]:
+    """Median latency of every segment between boundary cuts (for balancing a partition by latency)."""
+    found, _ = ensure_records(segment_pieces(zoo, target.batch, cache), target, store, method=method,
+                              on_missing=on_missing)
+    return {(k[1], k[2], k[3]): r.median_ms for k, r in found.items()}
+
+
 def probe_record(piece: Piece, target: Target, device: str, backend: Backend) -> LatencyRecord:
     """A record with the lookup key of `piece` and empty timings."""
     return LatencyRecord(piece.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
@@ -137,15 +163,11 @@ def missing_error(target: Target, names: Sequence[str], why: str) -> DeryError:
 
 
 def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStore, *, method: Method,
-                   on_missing: Callable[[list[tuple]], dict[tuple, LatencyRecord]] | None = None
+                   on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
                    ) -> tuple[dict[tuple, LatencyRecord], int]:
     """Look every piece up in the store; measure what is missing (here) or hand it to `on_missing`."""
     backend = get_backend(target.backend)
-    reason = backend.unavailable(target)
-    device = local_device_name(target) if reason is None else None
-    if device is not None and not target.matches(device):
-        reason = f"this machine's {target.device} is {device!r}, not the target's ({target.device_pattern})"
-        device = None
+    device, reason = availability(target)
     found: dict[tuple, LatencyRecord] = {}
     todo: list[tuple] = []
     for key, piece in items.items():
@@ -158,7 +180,7 @@ def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStor
     if todo and device is None:
         if on_missing is None:
             raise missing_error(target, [items[k].name for k in todo], reason)
-        found.update(on_missing(todo))
+        found.update(on_missing({k: items[k] for k in todo}))
         return found, 0
     with progress.task(f"profiling on {target.name}", len(todo)) as advance:
         for key in todo:
@@ -171,7 +193,7 @@ def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStor
 
 def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, target: Target,
             store: ProfileStore, cache: Cache, *, method: Method = Method(),
-            on_missing: Callable[[list[tuple]], dict[tuple, LatencyRecord]] | None = None) -> Costs:
+            on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None) -> Costs:
     """The profile pass: a latency record for every block, stitch and zoo member."""
     items = pieces(zoo, partition, stitches, target.batch, cache)
     found, measured = ensure_records(items, target, store, method=method, on_missing=on_missing)

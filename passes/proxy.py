@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from dery import progress
 from dery.cache import Cache, content_key
@@ -150,19 +152,30 @@ def naswot(module: nn.Module, images: torch.Tensor, *, batches: int = 5, batch: 
     return float(np.mean(scores))
 
 
+class _LastLinearInput(TorchFunctionMode):
+    """Remembers the input of the last linear map run (nn.Linear or a traced F.linear alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            self.input = args[0] if args else kwargs["input"]
+        return func(*args, **kwargs)
+
+
 def _pre_logits(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Inputs of the final linear layer (the classifier) of a network."""
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise DeryError("linear-probe proxy needs a network whose classifier is an nn.Linear")
+    """Inputs of the final linear map (the classifier) of a network."""
     feats: list[torch.Tensor] = []
-    h = linears[-1].register_forward_hook(lambda _m, i, _o: feats.append(i[0].detach().flatten(1)))
-    try:
-        with torch.no_grad():
-            for i in range(0, images.shape[0], 256):
+    with torch.no_grad():
+        for i in range(0, images.shape[0], 256):
+            with _LastLinearInput() as seen:
                 module(images[i:i + 256])
-    finally:
-        h.remove()
+            if seen.input is None:
+                raise DeryError("linear-probe proxy needs a network whose classifier is a linear layer")
+            feats.append(seen.input.detach().flatten(1))
     return torch.cat(feats)
 
 

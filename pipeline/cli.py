@@ -82,6 +82,9 @@ def _compile_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=positive_int, default=4, help="closed-loop rounds at most (default 4)")
     p.add_argument("--save-problem", type=Path, help="also write the solved search problem (dery.problem/1)")
     p.add_argument("--pareto", action="store_true", help="also solve a sweep of budgets and plot them")
+    p.add_argument("--allow-estimates", action="store_true",
+                   help="for a target whose device is not here: use estimated latencies (flagged in the report) "
+                        "and write the ONNX to build on the target")
     _common(p)
     return p
 
@@ -93,7 +96,8 @@ def _config(args: argparse.Namespace):
                          k=args.k, balance=args.balance, slack=args.slack, similarity=args.similarity,
                          probe=args.probe, predictor=args.predictor, rerank=args.rerank, top=args.top,
                          params_limit=args.params_limit, flops_limit=args.flops_limit, max_rounds=args.max_rounds,
-                         save_problem=args.save_problem, pareto=args.pareto, seed=args.seed)
+                         save_problem=args.save_problem, pareto=args.pareto, allow_estimates=args.allow_estimates,
+                         seed=args.seed)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -101,11 +105,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     report = run_compile(_config(args))
     acc = report["accuracy"]
-    print(f"{report['status']}: {args.out / report['engine']} measures {report['measured_latency_ms']:.4g} ms "
-          f"(budget {report['budget_ms']:g} ms, predicted {report['predicted_latency_ms']:.4g} ms)"
+    measured = report["measured_latency_ms"]
+    print(f"{report['status'].split(':')[0]}: {args.out / report['engine']} "
+          + (f"measures {measured:.4g} ms" if measured is not None else "was not measured (no device here)")
+          + f" (budget {report['budget_ms']:g} ms, predicted {report['predicted_latency_ms']:.4g} ms)"
           + (f", test accuracy {100 * acc:.1f}%" if acc is not None else "")
           + f"; assembly {' > '.join(b['model'] for b in report['assembly'])}; report {args.out / 'report.md'}")
-    return 0 if report["status"] == "ok" else FAILED
+    if report["status"] != "ok":
+        print(f"dery: {report['status']}", file=sys.stderr)
+    return 0 if report["status"] == "ok" or report["status"].startswith("estimated") else FAILED
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
@@ -199,16 +207,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .backends import get_backend
-    from .targets import local_device_name, registry
+    from .backends import availability
+    from .targets import registry
 
     for t in registry().values():
-        reason = get_backend(t.backend).unavailable(t)
-        if reason is None:
-            dev = local_device_name(t)
-            reason = None if dev is not None and t.matches(dev) else f"local {t.device} {dev!r} does not match"
-        print(f"{t.name:6s} {t.backend:12s} {t.precision:5s} {'available' if reason is None else 'unavailable: ' + reason}"
-              f"  - {t.description}")
+        device, reason = availability(t)
+        state = f"available ({device})" if reason is None else f"unavailable: {reason}"
+        print(f"{t.name:6s} {t.backend:12s} {t.precision:5s} {state}  - {t.description}")
     return 0
 
 

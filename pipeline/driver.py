@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import progress
-from .backends import get_backend
+from .backends import availability
 from .cache import Cache, atomic_write_json, content_key, ensure_dir
 from .data import Dataset, load_data
 from .errors import USAGE, DeryError
@@ -57,6 +57,7 @@ class CompileConfig:
     max_rounds: int = 4
     save_problem: Path | None = None
     pareto: bool = False
+    allow_estimates: bool = False
     seed: int = 0
 
 
@@ -78,15 +79,10 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 
 def check_target(target: Target) -> None:
     """Fail in one line when the target's backend or device is not here."""
-    backend = get_backend(target.backend)
-    reason = backend.unavailable(target)
-    if reason is None:
-        device = local_device_name(target)
-        if device is None or not target.matches(device):
-            reason = (f"this machine's {target.device} is {device!r}, not the target's device "
-                      f"(pattern {target.device_pattern!r})")
+    _, reason = availability(target)
     if reason is not None:
-        raise DeryError(f"target {target.name} ({target.description}) cannot compile here: {reason}")
+        raise DeryError(f"target {target.name} ({target.description}) cannot compile here: {reason}; "
+                        f"--allow-estimates plans with estimated latencies instead")
 
 
 def prepare_out(out: Path) -> Path:
@@ -102,6 +98,7 @@ class Session:
 
     config: CompileConfig
     target: Target
+    device: str | None
     cache: Cache
     data: Dataset
     zoo: tuple[Network, ...]
@@ -115,35 +112,43 @@ class Session:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def cached_partition(cfg: CompileConfig, lowered: tuple, data: Dataset, cache: Cache, timings: dict) -> Partition:
+def cached_partition(cfg: CompileConfig, lowered: tuple, data: Dataset, cache: Cache, timings: dict,
+                     segment_ms: dict | None) -> Partition:
     """The partition pass (its similarity input included), cached as IR JSON."""
     from dery.passes.partition import partition
     from dery.passes.similarity import similarity
 
     key = content_key("partition", [(lw.name, lw.network.weights_key, [c.name for c in lw.boundary_cuts()])
                                     for lw in lowered], data.fingerprint, cfg.similarity, cfg.probe, cfg.k,
-                      cfg.balance, cfg.slack, 1)
+                      cfg.balance, cfg.slack, sorted(map(str, (segment_ms or {}).items())), 1)
 
     def make() -> dict:
         with stage("similarity", timings):
             sim = similarity(lowered, data, cache, mode=cfg.similarity)
         with stage("partition", timings):
-            return to_json(partition(lowered, sim, cfg.k, balance=cfg.balance, slack=cfg.slack))
+            cost = (lambda lw, a, b: segment_ms[lw.name, a, b]) if segment_ms is not None else None
+            return to_json(partition(lowered, sim, cfg.k, balance=cfg.balance, slack=cfg.slack, segment_cost=cost))
 
     return from_json(Partition, cache.json("partition", key, make, what="partition"))
 
 
-def front(cfg: CompileConfig, *, require_device: bool = True) -> Session:
-    """zoo -> lower -> similarity -> partition -> stitch -> profile -> calibrate -> proxy."""
+def front(cfg: CompileConfig) -> Session:
+    """zoo -> lower -> similarity -> partition -> stitch -> profile -> calibrate -> proxy.
+
+    Without the target's device here, latencies come from stored records and, with
+    --allow-estimates, from the estimate model for whatever is missing.
+    """
     from dery.passes.calibrate import calibrate
+    from dery.passes.estimate import estimator
     from dery.passes.lower import lower
-    from dery.passes.profile import profile
+    from dery.passes.profile import profile, segment_latencies
     from dery.passes.proxy import quality
     from dery.passes.stitch import stitch
 
     timings: dict[str, float] = {}
     target = get_target(cfg.target)
-    if require_device:
+    device, _ = availability(target)
+    if not cfg.allow_estimates:
         check_target(target)
     cache = Cache()
     cache.ensure_writable()
@@ -153,17 +158,22 @@ def front(cfg: CompileConfig, *, require_device: bool = True) -> Session:
         zoo = load_zoo(specs, data, cache)
     with stage("lower", timings):
         lowered = tuple(lower(n) for n in zoo)
-    part = cached_partition(cfg, lowered, data, cache, timings)
+    store = ProfileStore(cache, target.name)
+    on_missing = estimator(target, cache) if cfg.allow_estimates else None
+    segment_ms = None
+    if cfg.balance == "latency":
+        with stage("profile", timings):
+            segment_ms = segment_latencies(lowered, target, store, cache, on_missing=on_missing)
+    part = cached_partition(cfg, lowered, data, cache, timings, segment_ms)
     with stage("stitch", timings):
         stitches = stitch(lowered, part, data, cache)
-    store = ProfileStore(cache, target.name)
     with stage("profile", timings):
-        costs = profile(lowered, part, stitches, target, store, cache, method=Method())
+        costs = profile(lowered, part, stitches, target, store, cache, method=Method(), on_missing=on_missing)
     with stage("calibrate", timings):
         cal = calibrate(lowered, part, stitches, costs, target, store, cache, seed=cfg.seed)
     with stage("proxy", timings):
         qual = quality(lowered, part, stitches, data, cache, cfg.predictor)
-    return Session(cfg, target, cache, data, zoo, lowered, part, stitches, costs, cal, qual, store, timings)
+    return Session(cfg, target, device, cache, data, zoo, lowered, part, stitches, costs, cal, qual, store, timings)
 
 
 def run_compile(cfg: CompileConfig) -> dict:
@@ -189,6 +199,8 @@ def _closed_loop(cfg: CompileConfig, s: Session, search: "Search", out: Path) ->
         atomic_write_json(cfg.save_problem, problem.to_json())
     progress.say(f"searching {len(s.partition.models)} networks x {s.partition.k} sets under "
                  f"{cfg.latency_ms:g} ms on {s.target.name}")
+    if s.device is None:
+        return _plan_only(cfg, s, search, out)
     limit = cfg.latency_ms
     rounds: list[dict] = []
     over: list[tuple[str, ...]] = []
@@ -215,6 +227,20 @@ def _closed_loop(cfg: CompileConfig, s: Session, search: "Search", out: Path) ->
     return write_outputs(out, s, final, rounds, status, pareto)
 
 
+def _plan_only(cfg: CompileConfig, s: Session, search: "Search", out: Path) -> dict:
+    """No device here: solve on estimated latencies and hand over the ONNX to build on the target."""
+    from dery.report import write_outputs
+
+    result = search.best(cfg.latency_ms, exclude=[])
+    if result is None:
+        search.infeasible_reason(cfg.latency_ms, cfg.latency_ms, [])
+    status = (f"estimated: predicted {result.predicted_ms:.4g} ms <= {cfg.latency_ms:g} ms from estimated latencies; "
+              f"nothing was measured. Build and verify on a {s.target.device_pattern} machine with the same "
+              f"command (without --allow-estimates), or `dery profile --target {s.target.name}` there and merge "
+              f"its table here")
+    return write_outputs(out, s, result, [result.round_json(0, cfg.latency_ms, cfg.latency_ms)], status, None)
+
+
 @dataclass(frozen=True, eq=False)
 class Result:
     """One solved, assembled, compiled and measured assembly."""
@@ -228,17 +254,18 @@ class Result:
     proxy: float
 
     @property
-    def measured_ms(self) -> float:
-        return self.timing.median_ms
+    def measured_ms(self) -> float | None:
+        return self.timing.median_ms if self.timing is not None else None
 
     @property
     def predicted_ms(self) -> float:
         return self.solution.totals["latency_ms"]
 
     def round_json(self, r: int, limit_ms: float, budget_ms: float) -> dict:
+        t = self.timing
         return {"round": r, "limit_ms": limit_ms, "chosen": list(self.models), "predicted_ms": self.predicted_ms,
-                "measured_ms": self.measured_ms, "p90_ms": self.timing.p90_ms, "cv": self.timing.cv,
-                "within_budget": self.measured_ms <= budget_ms, "score": self.solution.objective,
+                "measured_ms": self.measured_ms, "p90_ms": t.p90_ms if t else None, "cv": t.cv if t else None,
+                "within_budget": t.median_ms <= budget_ms if t else None, "score": self.solution.objective,
                 "proxy": self.proxy}
 
 
@@ -295,6 +322,8 @@ class Search:
             assembly, module = assemble(s.lowered, s.partition, s.stitches, models)
         with stage("compile", s.timings):
             engine = compile_engine(module, s.zoo[0].input_shape, s.target, self.workdir, name)
+        if s.device is None:
+            return Result(solution, models, assembly, module, engine, None, proxy)
         with stage("verify", s.timings):
             timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered), s.target,
                                     s.cache)

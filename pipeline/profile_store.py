@@ -179,6 +179,17 @@ class ProfileStore:
         """The correction model fitted to a group's points (the plain sum without points)."""
         return fit_calibration(self.calibration_points(group))
 
+    def calibration_for(self, target: Target) -> Calibration:
+        """For a device that is not here: the fit of the matching group with the most points."""
+        groups: dict[tuple, list[CalibrationPoint]] = {}
+        for p in self.points.values():
+            if p.precision == target.precision and p.batch == target.batch and target.matches(p.device):
+                groups.setdefault(p.group, []).append(p)
+        if not groups:
+            return Calibration()
+        best = max(groups, key=lambda g: (len(groups[g]), max(p.when for p in groups[g]), g))
+        return fit_calibration(sorted(groups[best], key=lambda p: p.key))
+
     def _save(self) -> None:
         try:
             write_table(self.path, self._own.values(), self._own_points.values())

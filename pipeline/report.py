@@ -61,8 +61,8 @@ def build_report(s: "Session", final: "Result", rounds: list[dict], status: str,
         "budget_ms": s.config.latency_ms,
         "predicted_latency_ms": final.predicted_ms,
         "measured_latency_ms": final.measured_ms,
-        "measured_p90_ms": final.timing.p90_ms,
-        "measured_cv": final.timing.cv,
+        "measured_p90_ms": final.timing.p90_ms if final.timing else None,
+        "measured_cv": final.timing.cv if final.timing else None,
         "latency_estimated": estimated,
         "engine": engine_name,
         "assembly": [{"set": k, "model": b.model, "first": b.first, "last": b.last, "params": b.params,
@@ -95,6 +95,10 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _yes(v: bool | None) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -116,7 +120,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"| budget | {_fmt(r['budget_ms'])} | | | |",
         f"| predicted{est} | {_fmt(r['predicted_latency_ms'])} | | | {_pct(r['predicted_accuracy'])} (val) |",
         f"| **measured engine** | **{_fmt(r['measured_latency_ms'])}** (p90 {_fmt(r['measured_p90_ms'])}, "
-        f"cv {_fmt(r['measured_cv'], 2)}) | {_fmt(r['params'])} | {_fmt(r['flops'])} | {_pct(r['accuracy'])} |",
+        f"cv {_fmt(r['measured_cv'], 2)}) | {_fmt(r['params'])} | {_fmt(r['flops'])} | {_pct(r['accuracy'])} |"
+        if r["measured_latency_ms"] is not None else
+        f"| **engine not measured** (no device here) | - | {_fmt(r['params'])} | {_fmt(r['flops'])} | "
+        f"{_pct(r['accuracy'])} (torch) |",
         "",
         "## Chosen blocks",
         "",
@@ -136,7 +143,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Closed loop", "", "| round | limit (ms) | chosen | predicted (ms) | measured (ms) | within |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {x['round']} | {_fmt(x['limit_ms'])} | {' > '.join(x['chosen'])} | {_fmt(x['predicted_ms'])} | "
-              f"{_fmt(x['measured_ms'])} | {'yes' if x['within_budget'] else 'no'} |" for x in r["rounds"]]
+              f"{_fmt(x['measured_ms'])} | {_yes(x['within_budget'])} |" for x in r["rounds"]]
     if r.get("pareto"):
         lines += ["", "## Pareto sweep", "", "| budget (ms) | chosen | predicted (ms) | measured (ms) | accuracy |",
                   "|---|---|---|---|---|"]
@@ -166,8 +173,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         pts = [p for p in report["pareto"] if p["accuracy"] is not None or not ykey]
         ax.plot([p["measured_ms"] for p in pts], [p["accuracy"] if ykey else 0.0 for p in pts], "o--",
                 c="tab:green", label="reassembled (sweep)")
-    ax.scatter([report["measured_latency_ms"]], [report["accuracy"] if ykey else 0.0], marker="*", s=180,
-               c="tab:red", label="chosen assembly", zorder=5)
+    measured = report["measured_latency_ms"]
+    ax.scatter([measured if measured is not None else report["predicted_latency_ms"]],
+               [report["accuracy"] if ykey else 0.0], marker="*", s=180, c="tab:red",
+               label="chosen assembly" + ("" if measured is not None else " (estimated latency)"), zorder=5)
     ax.axvline(report["budget_ms"], color="gray", ls=":", label="budget")
     ax.set_xlabel(f"measured latency on {report['target']} (ms)")
     ax.set_ylabel("test accuracy" if ykey else "(no labels)")
@@ -186,6 +195,7 @@ def write_outputs(out: Path, s: "Session", final: "Result", rounds: list[dict], 
     os.replace(final.engine.path, engine_path)
     side = read_json(final.engine.sidecar, "engine sidecar")
     side["measured_latency_ms"] = final.measured_ms
+    side["status"] = status
     atomic_write_json(engine_path.with_name(engine_name + ".json"), side)
     report = build_report(s, final, rounds, status, pareto, engine_name)
     plot(report, out / PLOT)

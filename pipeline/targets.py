@@ -39,6 +39,7 @@ class Target:
     threads: int
     peak: tuple[tuple[str, float], ...]
     path: str
+    estimate: tuple[tuple[str, float], ...] = ()
 
     def peak_figure(self, key: str) -> float | None:
         """A peak figure such as `tflops_fp16` or `bandwidth_gbs`, if the TOML gives it."""
@@ -67,6 +68,7 @@ def _parse(path: Path) -> Target:
             threads=int(raw.get("threads", 1)),
             peak=tuple(sorted((str(k), float(v)) for k, v in raw.get("peak", {}).items())),
             path=str(path),
+            estimate=tuple(sorted((str(k), float(v)) for k, v in raw.get("estimate", {}).items())),
         )
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
         raise DeryError(f"damaged target file {path}: {e!r}") from e

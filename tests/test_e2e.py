@@ -129,3 +129,35 @@ def test_dery_profile_reuses_records_and_merges(tiny, tmp_path, capsys) -> None:
     assert main(["profile", "--merge", str(tiny.store.path), str(tiny.store.path), "-o", str(merged)]) == 0
     table = json.loads(merged.read_text())
     assert len(table["records"]) == len(json.loads(tiny.store.path.read_text())["records"])
+
+
+def test_unreachable_target_with_estimates_plans_and_flags_every_figure(tiny, tmp_path) -> None:
+    report = run_compile(CompileConfig(target="a100", latency_ms=5.0, zoo="tiny", k=3, out=tmp_path,
+                                       allow_estimates=True))
+    assert report["status"].startswith("estimated:") and report["measured_latency_ms"] is None
+    assert report["latency_estimated"] and all(z["estimated"] for z in report["zoo"])
+    assert report["predicted_latency_ms"] <= 5.0
+    side = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert side["built"] is False and "GPU" in side["why_not_built"]
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = tiny.data.images("test", 1).numpy()
+    assert sess.run(None, {"x": x})[0].shape == (1, 10)
+    assert "(est.)" in (tmp_path / "report.md").read_text()
+
+
+def test_latency_balance_keeps_every_block_under_the_cap(tiny) -> None:
+    from dery.passes.partition import partition
+    from dery.passes.profile import segment_latencies
+    from dery.passes.similarity import similarity
+
+    seg = segment_latencies(tiny.lowered, tiny.target, tiny.store, tiny.cache)
+    part = partition(tiny.lowered, similarity(tiny.lowered, tiny.data, tiny.cache), 3, balance="latency",
+                     slack=1.0, segment_cost=lambda lw, a, b: seg[lw.name, a, b])
+    for lw, bounds in zip(tiny.lowered, part.boundaries):
+        cuts = [None, *[c.name for c in lw.boundary_cuts()], None]
+        total = sum(seg[lw.name, a, b] for a, b in zip(cuts, cuts[1:]))
+        ends = [None, *bounds, None]
+        for first, last in zip(ends, ends[1:]):
+            lo, hi = cuts.index(first), cuts.index(last, 1)
+            share = sum(seg[lw.name, a, b] for a, b in zip(cuts[lo:hi], cuts[lo + 1:hi + 1])) / total
+            assert share <= 2 / 3 + 1e-9

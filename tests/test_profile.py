@@ -164,7 +164,7 @@ def test_calibration_recovers_a_planted_correction() -> None:
 def test_calibration_points_of_the_zoo_are_stored_once(tiny) -> None:
     from dery.passes.calibrate import calibrate, group_of
 
-    group = group_of(tiny.target)
+    group = group_of(tiny.target, tiny.device)
     before = tiny.store.calibration_points(group)
     assert len(before) >= len(tiny.lowered) + 1 and any(p.stitches > 0 for p in before)
     cal = calibrate(tiny.lowered, tiny.partition, tiny.stitches, tiny.costs, tiny.target, tiny.store, tiny.cache)

@@ -97,10 +97,15 @@ def get_backend(name: str) -> Backend:
     return importlib.import_module(MODULES[name])  # type: ignore[return-value]
 
 
-def require(target: Target) -> Backend:
-    """The target's backend, or a one-line error saying what is missing here."""
-    backend = get_backend(target.backend)
-    reason = backend.unavailable(target)
+def availability(target: Target) -> tuple[str | None, str | None]:
+    """(this machine's device name, None) when the target can be measured here, else (None, why not)."""
+    from ..targets import local_device_name
+
+    reason = get_backend(target.backend).unavailable(target)
     if reason is not None:
-        raise DeryError(f"target {target.name} cannot run here: {reason}")
-    return backend
+        return None, reason
+    device = local_device_name(target)
+    if device is None or not target.matches(device):
+        return None, (f"this machine's {target.device} is {device!r}, not the target's device "
+                      f"(pattern {target.device_pattern!r})")
+    return device, None
