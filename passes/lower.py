@@ -149,6 +149,7 @@ class Lowered:
     param_sizes: dict[str, int] = field(repr=False)
     fine_cuts: tuple[str, ...] = field(repr=False)
     features_end: int = -1
+    node_bytes: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -227,6 +228,24 @@ class Lowered:
         params = frozenset().union(*(self.node_params.get(n.name, frozenset()) for n in span))
         return sum(self.param_sizes[p] for p in params), sum(self.node_flops.get(n.name, 0) for n in span)
 
+    def peak_activation(self, first: str | None, last: str | None) -> int:
+        """Peak bytes of live activations (batch 1, float32) while the segment runs, its input included."""
+        span = self._span(first, last)
+        inside = {n.name for n in span}
+        pos = {n.name: i for i, n in enumerate(span)}
+        last_use = {n.name: max((pos[u.name] for u in n.users if u.name in inside), default=pos[n.name])
+                    for n in span}
+        source = first if first is not None else next(n.name for n in self.gm.graph.nodes if n.op == "placeholder")
+        src_end = max((pos[u.name] for u in self._nodes()[self._index(source)].users if u.name in inside), default=0)
+        peak = 0
+        for i, n in enumerate(span):
+            live = sum(self.node_bytes.get(m.name, 0) for m in span[:i + 1] if last_use[m.name] >= i)
+            peak = max(peak, live + (self.node_bytes.get(source, 0) if src_end >= i else 0))
+        return peak
+
+    def _index(self, name: str) -> int:
+        return next(i for i, n in enumerate(self._nodes()) if n.name == name)
+
     def fingerprint(self, first: str | None, last: str | None) -> str:
         """Hash of what determines the segment's latency: structure, parameter shapes, input shape, dtype."""
         sub = self.segment(first, last)
@@ -243,7 +262,8 @@ class Lowered:
     def block(self, first: str | None, last: str | None) -> Block:
         """The IR Block of a segment."""
         params, flops = self.cost(first, last)
-        return Block(self.name, first, last, self.fingerprint(first, last), params, flops)
+        return Block(self.name, first, last, self.fingerprint(first, last), params, flops,
+                     self.peak_activation(first, last))
 
 
 def _classify(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> tuple[dict[str, str], _Recorder]:
@@ -465,6 +485,7 @@ def lower(network: Network) -> Lowered:
     coarse = _block_level(gm, module, fine, kinds)
     prefix = int(getattr(module.net, "num_prefix_tokens", 0) or 0)
     node_flops = {n.name: f for n, f in rec.flops.items()}
+    node_bytes = {n.name: v.numel() * 4 for n, v in rec.values.items() if isinstance(v, torch.Tensor)}
 
     draft = Lowered(network, gm, (), method, warning, kinds, node_flops, node_params, sizes,
                     tuple(n.name for n in fine))
@@ -482,7 +503,7 @@ def lower(network: Network) -> Lowered:
         layout, pre = _layout(n, rec, gm, prefix)
         cuts.append(CutPoint(network.name, n.name, i, shape, layout, pre))
     return Lowered(network, gm, tuple(cuts), method, warning, kinds, node_flops, node_params, sizes,
-                   tuple(n.name for n in fine), end)
+                   tuple(n.name for n in fine), end, node_bytes)
 
 
 def run_blockwise(lowered: Lowered, x: torch.Tensor, cuts: tuple[str, ...] | None = None) -> torch.Tensor:

@@ -45,7 +45,9 @@ from dery.passes.stitch import Stitches
 
 PREDICTORS = ("pairwise", "stitch-r2", "member-acc")
 PROXIES = ("val-acc", "naswot", "linear-probe")
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
+# Module or traced functional form alike, every activation runs through one of these.
+ACTIVATIONS = frozenset({F.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, F.mish,
+                         torch.relu, torch.Tensor.relu})
 
 
 def logit(p: float, n: int) -> float:
@@ -124,31 +126,39 @@ def quality(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, da
     return Quality(predictor, kind, unary, pairwise, members)
 
 
+class _ActivationCodes(TorchFunctionMode):
+    """Collects the binarised output (> 0) of every activation function that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codes: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in ACTIVATIONS:
+            self.codes.append((out.detach().flatten(1) > 0).float())
+        return out
+
+
 def naswot(module: nn.Module, images: torch.Tensor, *, batches: int = 5, batch: int = 32) -> float:
-    """NASWOT score: mean over batches of logdet of the Hamming kernel of binarised activations."""
-    codes: list[torch.Tensor] = []
+    """NASWOT score: mean over batches of logdet of the Hamming kernel of binarised activations.
 
-    def hook(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
-        codes.append((out.detach().flatten(1) > 0).float())
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, ACTIVATIONS)]
+    Activations are caught at the function level, so timm's own activation
+    modules and activations an fx trace inlined (ConvNeXt's GELU) count too.
+    """
     scores = []
-    try:
-        with torch.no_grad():
-            for bi in range(batches):
-                x = images[bi * batch:(bi + 1) * batch]
-                if x.shape[0] < 2:
-                    break
-                codes.clear()
+    with torch.no_grad():
+        for bi in range(batches):
+            x = images[bi * batch:(bi + 1) * batch]
+            if x.shape[0] < 2:
+                break
+            with _ActivationCodes() as seen:
                 module(x)
-                if not codes:
-                    raise DeryError("NASWOT needs activation modules (ReLU/GELU/...) in the network")
-                c = torch.cat(codes, dim=1).double()
-                kmat = c @ c.T + (1 - c) @ (1 - c).T
-                scores.append(float(torch.linalg.slogdet(kmat)[1]))
-    finally:
-        for h in handles:
-            h.remove()
+            if not seen.codes:
+                raise DeryError("NASWOT needs activation functions (ReLU/GELU/...) in the network")
+            c = torch.cat(seen.codes, dim=1).double()
+            kmat = c @ c.T + (1 - c) @ (1 - c).T
+            scores.append(float(torch.linalg.slogdet(kmat)[1]))
     return float(np.mean(scores))
 
 

@@ -862,28 +862,48 @@ def solve_file(path: str, time_limit_s: float | None = None) -> tuple[int, str, 
     return 0, out, ""
 
 
+def activation_mb(nbytes: int, batch: int) -> float:
+    """Peak activation memory in MB at a batch size, from bytes at batch 1."""
+    return nbytes * batch / 1e6
+
+
 def search_problem(partition: Partition, costs: Costs, quality: Quality, stitches: Stitches, *,
-                   limits: Mapping[str, float | None], calibration: Calibration) -> Problem:
+                   limits: Mapping[str, float | None], calibration: Calibration, memory_mb: float | None = None,
+                   batch: int = 1) -> Problem:
     """The reassembly search space as a dery.problem/1 instance.
 
     Candidate `m[k]` is model m's block in set k; transition `a[j] -> b[j+1]` is free when
     a == b and is the fitted stitch otherwise. Latencies are the measured medians put through
     the target's additivity calibration (engine = intercept + scaled block and stitch sums +
-    a per-stitch term), which is linear, so the program stays exact.
+    a per-stitch term), which is linear, so the program stays exact. Peak activation memory
+    is a maximum over the pieces, not a sum, so `memory_mb` removes the pieces above it
+    instead of adding a row.
     """
     cal = calibration
     candidates = []
     for k in range(partition.k):
+        fits = []
         for m in partition.models:
             block, rec = partition.block(m, k), costs.blocks[m, k]
-            candidates.append(Candidate(
+            act = activation_mb(block.activation_bytes, batch)
+            if memory_mb is not None and act > memory_mb:
+                continue
+            fits.append(Candidate(
                 f"{m}[{k}]", k, quality.unary[m, k],
                 {"latency_ms": cal.block_scale * rec.median_ms, "params": float(block.params), "flops": float(block.flops)},
-                {"model": m, **({"estimated": True} if rec.estimated else {})}))
+                {"model": m, "activation_mb": round(act, 6), **({"estimated": True} if rec.estimated else {})}))
+        if not fits:
+            least = min(activation_mb(partition.block(m, k).activation_bytes, batch) for m in partition.models)
+            raise DeryError(f"no block of set {k} fits --memory-limit-mb {memory_mb:g}: the smallest needs "
+                            f"{least:.3g} MB of activations at batch {batch}")
+        candidates.extend(fits)
+    kept = {c.id for c in candidates}
     transitions = []
     for j in range(partition.k - 1):
         for a in partition.models:
             for b in partition.models:
+                if f"{a}[{j}]" not in kept or f"{b}[{j + 1}]" not in kept:
+                    continue
                 if a == b:
                     transitions.append(Transition(f"{a}[{j}]", f"{a}[{j + 1}]", 0.0,
                                                   {"latency_ms": 0.0, "params": 0.0, "flops": 0.0}))
@@ -891,14 +911,24 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
                 st = stitches.get(a, b, j)
                 if st is None:
                     continue
+                act = activation_mb(stitch_activation_bytes(stitches, a, b, j), batch)
+                if memory_mb is not None and act > memory_mb:
+                    continue
                 rec = costs.stitches[a, b, j]
                 transitions.append(Transition(
                     f"{a}[{j}]", f"{b}[{j + 1}]", quality.pairwise[a, b, j],
                     {"latency_ms": cal.stitch_scale * rec.median_ms + cal.per_stitch_ms, "params": float(st.params),
                      "flops": float(st.flops)},
-                    {"kind": st.kind, "r2": round(st.r2, 6), **({"estimated": True} if rec.estimated else {})}))
+                    {"kind": st.kind, "r2": round(st.r2, 6), "activation_mb": round(act, 6),
+                     **({"estimated": True} if rec.estimated else {})}))
     fixed = {"latency_ms": cal.intercept_ms, "params": 0.0, "flops": 0.0}
     return Problem(partition.k, tuple(candidates), tuple(transitions), fixed, dict(limits))
+
+
+def stitch_activation_bytes(stitches: Stitches, a: str, b: str, j: int) -> int:
+    """A stitch holds its input and its output (batch 1, float32)."""
+    module = stitches.modules[a, b, j]
+    return 4 * (math.prod(module.src.shape[1:]) + math.prod(module.dst.shape[1:]))
 
 
 def chosen_models(solution: Solution) -> tuple[str, ...]:

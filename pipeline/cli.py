@@ -74,6 +74,8 @@ def _compile_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("build"), help="output directory (default build/)")
     p.add_argument("--params-limit", type=non_negative, help="optional upper bound on parameters")
     p.add_argument("--flops-limit", type=non_negative, help="optional upper bound on FLOPs")
+    p.add_argument("--memory-limit-mb", type=non_negative,
+                   help="optional upper bound on peak activation memory (MB) of every block and stitch")
     p.add_argument("--predictor", choices=("pairwise", "stitch-r2", "member-acc"), default="pairwise",
                    help="quality model used as the program's objective (default pairwise)")
     p.add_argument("--rerank", choices=("val-acc", "naswot", "linear-probe"), default="val-acc",
@@ -95,7 +97,8 @@ def _config(args: argparse.Namespace):
     return CompileConfig(target=args.target, latency_ms=args.latency_ms, zoo=args.zoo, data=args.data, out=args.out,
                          k=args.k, balance=args.balance, slack=args.slack, similarity=args.similarity,
                          probe=args.probe, predictor=args.predictor, rerank=args.rerank, top=args.top,
-                         params_limit=args.params_limit, flops_limit=args.flops_limit, max_rounds=args.max_rounds,
+                         params_limit=args.params_limit, flops_limit=args.flops_limit,
+                         memory_limit_mb=args.memory_limit_mb, max_rounds=args.max_rounds,
                          save_problem=args.save_problem, pareto=args.pareto, allow_estimates=args.allow_estimates,
                          seed=args.seed)
 

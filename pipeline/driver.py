@@ -54,6 +54,7 @@ class CompileConfig:
     top: int = 5
     params_limit: float | None = None
     flops_limit: float | None = None
+    memory_limit_mb: float | None = None
     max_rounds: int = 4
     save_problem: Path | None = None
     pareto: bool = False
@@ -120,7 +121,7 @@ def cached_partition(cfg: CompileConfig, lowered: tuple, data: Dataset, cache: C
 
     key = content_key("partition", [(lw.name, lw.network.weights_key, [c.name for c in lw.boundary_cuts()])
                                     for lw in lowered], data.fingerprint, cfg.similarity, cfg.probe, cfg.k,
-                      cfg.balance, cfg.slack, sorted(map(str, (segment_ms or {}).items())), 1)
+                      cfg.balance, cfg.slack, sorted(map(str, (segment_ms or {}).items())), 2)
 
     def make() -> dict:
         with stage("similarity", timings):
@@ -282,7 +283,8 @@ class Search:
 
         s, cfg = self.s, self.s.config
         return search_problem(s.partition, s.costs, s.quality, s.stitches, calibration=s.calibration,
-                              limits={"latency_ms": limit_ms, "params": cfg.params_limit, "flops": cfg.flops_limit})
+                              limits={"latency_ms": limit_ms, "params": cfg.params_limit, "flops": cfg.flops_limit},
+                              memory_mb=cfg.memory_limit_mb, batch=s.target.batch)
 
     def proxy(self, models: tuple[str, ...]) -> float:
         """The re-ranking proxy of an assembly (cached for the session)."""

@@ -56,7 +56,8 @@ class CutPoint:
 @dataclass(frozen=True)
 class Block:
     """Model `model` from just after cut `first` (None: the network input) to cut `last`
-    (None: the logits). `fingerprint` hashes what decides its latency, not its weights."""
+    (None: the logits). `fingerprint` hashes what decides its latency, not its weights;
+    `activation_bytes` is the peak of live activations while it runs (batch 1, float32)."""
 
     model: str
     first: str | None
@@ -64,6 +65,7 @@ class Block:
     fingerprint: str
     params: int
     flops: int
+    activation_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,22 @@ def test_latency_balance_keeps_every_block_under_the_cap(tiny) -> None:
             lo, hi = cuts.index(first), cuts.index(last, 1)
             share = sum(seg[lw.name, a, b] for a, b in zip(cuts[lo:hi], cuts[lo + 1:hi + 1])) / total
             assert share <= 2 / 3 + 1e-9
+
+
+def test_memory_limit_prunes_blocks_above_it(tiny) -> None:
+    from dery.errors import DeryError
+    from dery.passes.solve import activation_mb, search_problem
+
+    blocks = [b for row in tiny.partition.blocks for b in row]
+    assert all(b.activation_bytes > 0 for b in blocks)
+    sizes = sorted(activation_mb(b.activation_bytes, 1) for b in blocks)
+    cut = sizes[len(sizes) // 2]
+    limits = {"latency_ms": None, "params": None, "flops": None}
+    problem = search_problem(tiny.partition, tiny.costs, tiny.quality, tiny.stitches, limits=limits,
+                             calibration=tiny.calibration, memory_mb=cut)
+    assert problem.candidates and all(c.extra["activation_mb"] <= cut for c in problem.candidates)
+    assert all(t.extra.get("activation_mb", 0) <= cut for t in problem.transitions)
+    assert len(problem.candidates) < len(blocks)
+    with pytest.raises(DeryError, match="smallest needs"):
+        search_problem(tiny.partition, tiny.costs, tiny.quality, tiny.stitches, limits=limits,
+                       calibration=tiny.calibration, memory_mb=sizes[0] / 10)

@@ -154,3 +154,12 @@ def test_untraceable_stages_fall_back_to_feature_info_with_a_reason() -> None:
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(run_blockwise(lw, x), net.module(x))
+
+
+def test_peak_activation_counts_what_is_alive_at_once() -> None:
+    lw = lower(network(Toy()))
+    fmap = 8 * 8 * 8 * 4  # one (1, 8, 8, 8) float32 tensor
+    # stem -> bn -> relu: input and one output alive at once
+    assert lw.peak_activation("net_stem", "net_act") == 2 * fmap
+    # a residual block keeps its input alive next to conv and bn outputs
+    assert lw.peak_activation("net_act", "net_blocks_0_act") == 3 * fmap
