@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 import highspy
 import numpy as np
 
+from dery.highs import exact_highs
 from dery.errors import FAILED, USAGE, DeryError
 from dery.ir import Partition
 
@@ -58,13 +59,6 @@ BALANCES = ("params", "flops", "latency")
 SHARE_TOL = 1e-9  # a block fits when its share <= max_share + SHARE_TOL
 BRUTE_FORCE_LIMIT = 10_000_000  # partitions brute_force_partition will enumerate
 Choice = tuple[tuple[int, ...], ...]  # per model, its K-1 boundaries as candidate positions
-_HIGHS_OPTIONS = {
-    "output_flag": False,
-    "threads": 1,
-    "random_seed": 0,
-    "mip_rel_gap": 0.0,
-    "mip_abs_gap": 0.0,
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -292,9 +286,7 @@ class _Mip:
         order = np.lexsort((col, row))
         start = np.searchsorted(row[order], np.arange(n_row))
         self.n_z, self.n_col = n_z, n_col
-        self.h = highspy.Highs()
-        for name, value in _HIGHS_OPTIONS.items():
-            self.h.setOptionValue(name, value)
+        self.h = exact_highs()
         self.h.passModel(
             n_col, n_row, val.size, int(highspy.MatrixFormat.kRowwise), int(highspy.ObjSense.kMaximize), offset,
             np.concatenate(cost), np.zeros(n_col), np.ones(n_col), np.concatenate(lower), np.concatenate(upper),

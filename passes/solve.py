@@ -27,6 +27,7 @@ import highspy
 import numpy as np
 
 from dery.errors import FAILED, USAGE, DeryError
+from dery.highs import exact_highs
 from dery.ir import Partition
 from dery.passes.profile import Costs
 from dery.passes.proxy import Quality
@@ -569,17 +570,6 @@ def _reduce(p: Problem, n: int, exclude: Sequence[tuple[str, ...]]) -> _Reductio
 # ---------------------------------------------------------------------------------------------
 # The MIP.
 
-# One thread and a fixed seed make the answer reproducible; zero gaps make "optimal" a proof.
-# Restarts cost more than they save on the small reduced models (benchmarks/bench_solver.py
-# measures both).
-_HIGHS_OPTIONS = {
-    "output_flag": False,
-    "threads": 1,
-    "random_seed": 0,
-    "mip_rel_gap": 0.0,
-    "mip_abs_gap": 0.0,
-    "mip_allow_restart": False,
-}
 
 
 class _Mip:
@@ -636,9 +626,8 @@ class _Mip:
         # Only the choices x need be integral: with x binary the flow rows force y_ab = 1 for
         # the chosen consecutive pair (a, b) and 0 elsewhere.
         integrality = np.concatenate([np.ones(n_c), np.zeros(n_t)]).astype(np.int32)
-        self.h = highspy.Highs()
-        for name, value in _HIGHS_OPTIONS.items():
-            self.h.setOptionValue(name, value)
+        # Restarts cost more than they save on the small reduced models (bench_solver.py measures both).
+        self.h = exact_highs(mip_allow_restart=False)
         self.h.passModel(
             n_col, n_row, len(val), int(highspy.MatrixFormat.kColwise),
             int(highspy.ObjSense.kMaximize), 0.0,

@@ -15,35 +15,24 @@ from pathlib import Path
 from .errors import FAILED, DeryError
 
 
-def positive_ms(text: str) -> float:
-    """argparse type: a positive number of milliseconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of milliseconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive, finite number of milliseconds, got {text}")
-    return value
+def _argument(convert: Callable[[str], float], ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse type: `convert` the text, then insist on `ok`, naming `what` was expected."""
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+positive_ms = _argument(float, lambda v: 0 < v < float("inf"), "a positive, finite number of milliseconds")
+positive_int = _argument(int, lambda v: v >= 1, "a whole number >= 1")
+non_negative = _argument(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
 def _zoo_args(p: argparse.ArgumentParser) -> None:
