@@ -379,7 +379,6 @@ def inspect_json(model: str) -> dict:
     """`dery inspect`: cut points of one network and the block-by-block check."""
     import torch
 
-    from dery.data import digits
     from dery.passes.lower import lower, run_blockwise
     from dery.zoo import load_member
 
@@ -388,7 +387,7 @@ def inspect_json(model: str) -> dict:
         raise DeryError(f"dery inspect takes one model, {model!r} names {len(specs)}", exit_code=USAGE)
     spec = dataclasses.replace(specs[0], weights="random") if specs[0].weights in ("train", "pretrained") \
         else specs[0]
-    net = load_member(spec, digits(native_resolution(specs), probe=8), Cache())
+    net = load_member(spec, None, Cache())
     lw = lower(net)
     x = torch.rand(2, *net.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

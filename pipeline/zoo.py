@@ -276,9 +276,11 @@ def native_resolution(specs: tuple[MemberSpec, ...]) -> int:
     return next(iter(found.values()))
 
 
-def load_member(spec: MemberSpec, data: Dataset, cache: Cache) -> Network:
-    """Build one member's weights: train it (cached), load a checkpoint, pretrained or seeded random."""
+def load_member(spec: MemberSpec, data: Dataset | None, cache: Cache) -> Network:
+    """Build one member's weights: train it on `data` (cached), load a checkpoint, pretrained or seeded random."""
     if spec.weights == "train":
+        if data is None:
+            raise DeryError(f"{spec.name} is trained by dery and needs data to train on", exit_code=USAGE)
         key = content_key("zoo", spec.arch, spec.kwargs, spec.recipe, data.fingerprint, torch.__version__.split("+")[0])
         def make() -> Normalized:
             m = _wrap(_build(spec, data.num_classes), spec)
