@@ -28,7 +28,6 @@ from pathlib import Path
 
 import highspy
 import numpy as np
-
 from dery.errors import DeryError
 from dery.passes.partition import (
     BRUTE_FORCE_LIMIT,

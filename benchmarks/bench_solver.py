@@ -23,9 +23,7 @@ from pathlib import Path
 
 import highspy
 import numpy as np
-
-from dery.passes.solve import Problem, _Mip, _reduce, brute_force, max_achievable, \
-    min_achievable, random_problem, solve
+from dery.passes.solve import Problem, _Mip, _reduce, brute_force, max_achievable, min_achievable, random_problem, solve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

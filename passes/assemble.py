@@ -5,7 +5,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-
 from dery.errors import DeryError
 from dery.ir import Assembly, Partition
 from dery.passes.lower import Lowered

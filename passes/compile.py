@@ -12,11 +12,10 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
+import dery
 import onnx
 import torch
 import torch.nn as nn
-
-import dery
 from dery.backends import availability, get_backend, sidecar_path
 from dery.cache import atomic_write_bytes, atomic_write_json
 from dery.onnx_graph import INPUT, OUTPUT, export

@@ -20,14 +20,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from dery.backends import Piece
 from dery.cache import Cache
 from dery.errors import DeryError
 from dery.ir import LatencyRecord
 from dery.profile_store import ProfileStore
 from dery.targets import Target, registry
+from torch.utils.flop_counter import FlopCounterMode
 
 # ONNX ops that move or describe data without a kernel of their own after an engine builder is done with them.
 FREE_OPS = frozenset({"Shape", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Constant", "Cast",
@@ -85,7 +84,7 @@ def estimator(target: Target, cache: Cache) -> Callable[[dict[tuple, Piece]], di
             if other.name == target.name or other.device != target.device or not other.peak:
                 continue
             store = ProfileStore(cache, other.name)
-            for key, piece in items.items():
+            for piece in items.values():
                 rec = store.find_any(piece.fingerprint, (other.batch, *piece.input_shape), other)
                 if rec is not None and not rec.estimated:
                     k, f, b = features(piece, other)

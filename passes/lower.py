@@ -33,11 +33,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
-
 from dery.errors import DeryError
 from dery.ir import Block, CutPoint
 from dery.zoo import Network
+from torch.utils.flop_counter import FlopCounterMode
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 ROOT = "net"  # the classifier inside dery's Normalized wrapper
@@ -238,7 +237,7 @@ class Lowered:
         source = first if first is not None else next(n.name for n in self.gm.graph.nodes if n.op == "placeholder")
         src_end = max((pos[u.name] for u in self._nodes()[self._index(source)].users if u.name in inside), default=0)
         peak = 0
-        for i, n in enumerate(span):
+        for i in range(len(span)):
             live = sum(self.node_bytes.get(m.name, 0) for m in span[:i + 1] if last_use[m.name] >= i)
             peak = max(peak, live + (self.node_bytes.get(source, 0) if src_end >= i else 0))
         return peak

@@ -46,9 +46,8 @@ from typing import TYPE_CHECKING
 
 import highspy
 import numpy as np
-
-from dery.highs import exact_highs
 from dery.errors import FAILED, USAGE, DeryError
+from dery.highs import exact_highs
 from dery.ir import Partition
 
 if TYPE_CHECKING:
@@ -396,7 +395,7 @@ def synthetic_problem(seed: int, models: int, cuts: tuple[int, int], k: int, sla
     rng = np.random.default_rng(seed)
     centres = np.linspace(0.0, 1.0, 24)
     feats, groups, cum = [], [], []
-    for m in range(models):
+    for _ in range(models):
         n = int(rng.integers(cuts[0], cuts[1] + 1))
         depth = np.sort(rng.uniform(0.02, 0.98, n))
         warped = depth ** rng.uniform(0.6, 1.6)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import onnx
 import torch
 import torch.nn as nn
-
 from dery import progress
 from dery.backends import Backend, Piece, availability, get_backend
 from dery.cache import Cache, content_key

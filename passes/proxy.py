@@ -1,13 +1,26 @@
 """proxy: predicted quality of assemblies, without training.
 
 The program's objective is a quality model made of unary (block) and pairwise
-(stitch) terms, in log-odds of accuracy on the held-out val split:
+(stitch) terms, in a link of accuracy on the held-out val split (log-odds
+unless said otherwise):
 
 * `pairwise` (default): a block of model m carries 1/K of logit(acc(m)); a
   stitch a->b at boundary j carries what that stitch actually costs: the
   logit accuracy of the two-piece network (a's blocks up to j, the stitch, b's
   blocks after) minus what the unary terms already give it. Every single-
-  switch assembly is then predicted exactly; several switches add up.
+  switch assembly is then predicted exactly; several switches add up. Whatever
+  the split of a member's term over its blocks, an assembly a->b->c is then
+  predicted as odds(a->b) * odds(b->c) / odds(b): the two stitches are
+  taken to act independently on the odds of a correct answer.
+* `pairwise-log`: the same construction on log accuracy instead of log-odds,
+  so acc(a->b->c) = acc(a->b) * acc(b->c) / acc(b): each stitch keeps a
+  fraction of the intermediate network's correct answers, independently of
+  the other stitches (independent failures multiply probabilities, not odds).
+  Pure members and single switches are still exact. On the default zoo it
+  ranks multi-switch assemblies better than `pairwise` (benchmarks/results/
+  quality.md; chosen on val, confirmed on test) and makes the same choices
+  under every budget tried. Scores are log-probabilities, not log-odds:
+  `Quality.accuracy` converts either kind back to an accuracy.
 * `stitch-r2`: the same unary terms, stitches penalised by their held-out fit
   (log R^2), no network evaluation.
 * `member-acc`: unary terms only (the plain weighted mix of members).
@@ -16,7 +29,9 @@ Whole-network proxies re-rank the program's best few solutions: `val-acc`
 (accuracy of the assembled network on val), `naswot` (Mellor et al.: log-det
 of the Hamming kernel of binarised activations over 5 batches of 32 images)
 and `linear-probe` (a ridge classifier on the assembly's pre-logit features,
-fitted on half of val, scored on the other half).
+fitted on half of val, scored on the other half). Both catch their layers at
+the function level (activations, the last linear map), so layers that an fx
+trace inlined count as well as modules.
 
 Scores use the data's labels when they mean something for this zoo, and the
 zoo ensemble's predictions otherwise (see dery.evaluate).
@@ -31,8 +46,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
-
 from dery import progress
 from dery.cache import Cache, content_key
 from dery.data import Dataset
@@ -42,8 +55,9 @@ from dery.ir import Partition
 from dery.passes.assemble import assemble
 from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
+from torch.overrides import TorchFunctionMode
 
-PREDICTORS = ("pairwise", "stitch-r2", "member-acc")
+PREDICTORS = ("pairwise", "pairwise-log", "stitch-r2", "member-acc")
 PROXIES = ("val-acc", "naswot", "linear-probe")
 # Module or traced functional form alike, every activation runs through one of these.
 ACTIVATIONS = frozenset({F.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, F.mish,
@@ -57,21 +71,34 @@ def logit(p: float, n: int) -> float:
     return math.log(p / (1 - p))
 
 
+def log_accuracy(p: float, n: int) -> float:
+    """Log accuracy with the same half-sample correction as `logit`."""
+    eps = 0.5 / max(n, 1)
+    return math.log(min(max(p, eps), 1 - eps))
+
+
 @dataclass(frozen=True, eq=False)
 class Quality:
-    """Unary scores by (model, set), pairwise by (source, target, boundary), in val log-odds."""
+    """Unary scores by (model, set), pairwise by (source, target, boundary), in val log-odds ("logit") or
+    log accuracy ("log"), as `link` says."""
 
     predictor: str
     labels: str
     unary: dict[tuple[str, int], float] = field(repr=False)
     pairwise: dict[tuple[str, str, int], float] = field(repr=False)
     member_val: dict[str, float] = field(repr=False)
+    link: str = "logit"
 
     def score(self, models: Sequence[str]) -> float:
-        """Predicted log-odds of an assembly (one model per set)."""
+        """Predicted score of an assembly (one model per set), in the units of `link`."""
         s = sum(self.unary[m, k] for k, m in enumerate(models))
         return s + sum(self.pairwise.get((a, b, j), 0.0) for j, (a, b) in enumerate(zip(models, models[1:]))
                        if a != b)
+
+    def accuracy(self, models: Sequence[str]) -> float:
+        """Predicted val accuracy of an assembly (the score through the inverse link)."""
+        s = self.score(models)
+        return min(math.exp(s), 1.0) if self.link == "log" else 1.0 / (1.0 + math.exp(-s))
 
 
 def switch_accuracies(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, data: Dataset,
@@ -112,18 +139,20 @@ def quality(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, da
     n = len(data.split("val"))
     k = partition.k
     switches, members, kind = switch_accuracies(zoo, partition, stitches, data, cache)
-    lm = {m: logit(members[m], n) for m in partition.models}
+    link = "log" if predictor == "pairwise-log" else "logit"
+    g = log_accuracy if link == "log" else logit
+    lm = {m: g(members[m], n) for m in partition.models}
     unary = {(m, s): lm[m] / k for m in partition.models for s in range(k)}
     pairwise: dict[tuple[str, str, int], float] = {}
     for st in stitches.items:
         a, b, j = st.source, st.target, st.boundary
-        if predictor == "pairwise":
-            pairwise[a, b, j] = logit(switches[a, b, j], n) - ((j + 1) * lm[a] + (k - j - 1) * lm[b]) / k
+        if predictor in ("pairwise", "pairwise-log"):
+            pairwise[a, b, j] = g(switches[a, b, j], n) - ((j + 1) * lm[a] + (k - j - 1) * lm[b]) / k
         elif predictor == "stitch-r2":
             pairwise[a, b, j] = math.log(max(st.r2, 1e-3))
         else:
             pairwise[a, b, j] = 0.0
-    return Quality(predictor, kind, unary, pairwise, members)
+    return Quality(predictor, kind, unary, pairwise, members, link)
 
 
 class _ActivationCodes(TorchFunctionMode):

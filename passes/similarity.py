@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 from dery import progress
 from dery.cache import Cache, content_key, load_npy, save_npy
 from dery.data import Dataset

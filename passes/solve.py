@@ -25,7 +25,6 @@ from typing import Any
 
 import highspy
 import numpy as np
-
 from dery.errors import FAILED, USAGE, DeryError
 from dery.highs import exact_highs
 from dery.ir import Partition
@@ -248,7 +247,7 @@ class Problem:
         return {(t.source, t.target): t for t in self.transitions}
 
     @classmethod
-    def from_json(cls, data: Any) -> "Problem":
+    def from_json(cls, data: Any) -> Problem:
         """Parse and validate a "dery.problem/1" document (already decoded from JSON)."""
         data = _object(data, "problem")
         if data.get("schema") != SCHEMA:
@@ -879,7 +878,8 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
                 continue
             fits.append(Candidate(
                 f"{m}[{k}]", k, quality.unary[m, k],
-                {"latency_ms": cal.block_scale * rec.median_ms, "params": float(block.params), "flops": float(block.flops)},
+                {"latency_ms": cal.block_scale * rec.median_ms, "params": float(block.params),
+                 "flops": float(block.flops)},
                 {"model": m, "activation_mb": round(act, 6), **({"estimated": True} if rec.estimated else {})}))
         if not fits:
             least = min(activation_mb(partition.block(m, k).activation_bytes, batch) for m in partition.models)

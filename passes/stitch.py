@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from dery import progress
 from dery.cache import Cache, atomic_write, content_key, damaged
 from dery.data import Dataset
@@ -404,7 +403,7 @@ def _train(module: nn.Module, params: Sequence[nn.Parameter], data: Dataset, lab
             "steps": steps, "trained_params": sum(p.numel() for p in params)}
 
 
-def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epochs: int, *, lr: float = 3e-3,
+def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epochs: int, *, lr: float = 1e-2,
                     weight_decay: float = 0.0, batch: int = 64, seed: int = 0) -> dict[str, float]:
     """Train only the stitches of an assembly end to end from their closed-form fit; returns train losses.
 

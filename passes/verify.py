@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
 from dery.backends import get_backend, sidecar_path
 from dery.cache import Cache, content_key, damaged, read_json
 from dery.errors import USAGE, DeryError

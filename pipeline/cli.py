@@ -131,7 +131,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{doc['model']}: {len(doc['cut_points'])} cut points (input {'x'.join(map(str, doc['input_shape']))}; "
               f"* = may bound a block)")
         for c in doc["cut_points"]:
-            print(f"  {'*' if c['boundary'] else ' '} {c['name']:40s} {c['layout']:5s} {'x'.join(map(str, c['shape']))}")
+            mark, shape = "*" if c["boundary"] else " ", "x".join(map(str, c["shape"]))
+            print(f"  {mark} {c['name']:40s} {c['layout']:5s} {shape}")
         print(f"block-by-block vs whole network: max |diff| = {doc['max_abs_diff']:.3g}")
     return 0
 

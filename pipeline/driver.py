@@ -28,7 +28,7 @@ from .errors import USAGE, DeryError
 from .ir import Partition, from_json, to_json
 from .measure import Method
 from .profile_store import ProfileStore
-from .targets import Target, get_target, local_device_name
+from .targets import Target, get_target
 from .zoo import Network, load_zoo, native_resolution, parse_zoo
 
 PASSES = ("zoo", "lower", "similarity", "partition", "stitch", "profile", "calibrate", "proxy", "solve", "assemble",
@@ -70,7 +70,8 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     try:
         yield
     except DeryError as e:
-        raise e.in_pass(name)
+        e.in_pass(name)
+        raise
     except Exception as e:
         e.add_note(f"(in dery pass {name!r})")
         raise
@@ -191,7 +192,7 @@ def run_compile(cfg: CompileConfig) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _closed_loop(cfg: CompileConfig, s: Session, search: "Search", out: Path) -> dict:
+def _closed_loop(cfg: CompileConfig, s: Session, search: Search, out: Path) -> dict:
     from dery.passes.verify import next_limit
     from dery.report import write_outputs
 
@@ -228,7 +229,7 @@ def _closed_loop(cfg: CompileConfig, s: Session, search: "Search", out: Path) ->
     return write_outputs(out, s, final, rounds, status, pareto)
 
 
-def _plan_only(cfg: CompileConfig, s: Session, search: "Search", out: Path) -> dict:
+def _plan_only(cfg: CompileConfig, s: Session, search: Search, out: Path) -> dict:
     """No device here: solve on estimated latencies and hand over the ONNX to build on the target."""
     from dery.report import write_outputs
 
@@ -353,8 +354,8 @@ class Search:
 
     def pareto_sweep(self, points: int = 8) -> list[dict]:
         """Solve, build and measure a sweep of budgets from the fastest to the slowest member."""
-        from dery.evaluate import has_labels
         from dery.evaluate import accuracy as acc
+        from dery.evaluate import has_labels
 
         s = self.s
         lat = sorted(r.median_ms for r in s.costs.networks.values())
@@ -378,7 +379,6 @@ class Search:
 def inspect_json(model: str) -> dict:
     """`dery inspect`: cut points of one network and the block-by-block check."""
     import torch
-
     from dery.passes.lower import lower, run_blockwise
     from dery.zoo import load_member
 

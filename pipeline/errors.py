@@ -25,7 +25,7 @@ class DeryError(Exception):
         msg = super().__str__()
         return f"{self.pass_name}: {msg}" if self.pass_name else msg
 
-    def in_pass(self, name: str) -> "DeryError":
+    def in_pass(self, name: str) -> DeryError:
         """Return this error tagged with the pass it came from (keeps an existing tag)."""
         if self.pass_name is None:
             self.pass_name = name

@@ -27,7 +27,7 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def build_report(s: "Session", final: "Result", rounds: list[dict], status: str, pareto: list[dict] | None,
+def build_report(s: Session, final: Result, rounds: list[dict], status: str, pareto: list[dict] | None,
                  engine_name: str) -> dict[str, Any]:
     """The report.json document."""
     labelled = has_labels(s.zoo, s.data)
@@ -188,7 +188,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, s: "Session", final: "Result", rounds: list[dict], status: str,
+def write_outputs(out: Path, s: Session, final: Result, rounds: list[dict], status: str,
                   pareto: list[dict] | None) -> dict[str, Any]:
     """Move the engine into place and write report.json, report.md and the plot."""
     engine_name = f"model{final.engine.path.suffix}"

@@ -25,7 +25,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-
 from dery.backends import Piece, check_sidecar, sidecar_path, tensorrt, torch_cuda
 from dery.errors import USAGE, DeryError
 from dery.measure import FAST, Method
@@ -360,7 +359,7 @@ def test_tensorrt_layer_profile_and_structure(plan) -> None:
 @needs_trt
 def test_tensorrt_refuses_an_engine_built_elsewhere(plan) -> None:
     sidecar_path(plan).write_text(json.dumps({"backend_version": "0.0.1", "device": "Some Other GPU"}))
-    with pytest.raises(DeryError, match="'0.0.1'"):
+    with pytest.raises(DeryError, match=r"'0\.0\.1'"):
         tensorrt.load_engine(plan, local_target("tensorrt", "fp16"))
     sidecar_path(plan).write_text(json.dumps(tensorrt.engine_info()))
     tensorrt.load_engine(plan, local_target("tensorrt", "fp16"))

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-
 from dery.cli import compile_main, main
 
 

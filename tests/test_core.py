@@ -6,14 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from dery.cache import Cache, atomic_write, atomic_write_json, read_json
 from dery.data import digits, image_folder
 from dery.errors import DeryError
 from dery.ir import Block, CutPoint, Partition, Stitch, from_json, to_json
 from dery.targets import get_target, registry
 from dery.zoo import load_member, parse_zoo
+from PIL import Image
 
 
 def test_ir_round_trips_exactly() -> None:
@@ -111,7 +110,8 @@ def test_target_registry() -> None:
     names = set(registry())
     assert {"cpu", "a100", "h100", "h200"} <= names
     a100 = get_target("a100")
-    assert a100.backend == "tensorrt" and a100.peak_figure("tflops_fp16") == 312.0 and a100.matches("NVIDIA A100-SXM4-80GB")
+    assert a100.backend == "tensorrt" and a100.peak_figure("tflops_fp16") == 312.0
+    assert a100.matches("NVIDIA A100-SXM4-80GB")
     assert not a100.matches("NVIDIA H100 80GB HBM3")
     assert get_target("h200").backend == "torch-cuda"
     with pytest.raises(DeryError, match="known targets: a100, cpu, h100, h200"):

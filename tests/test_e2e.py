@@ -8,7 +8,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from dery.driver import CompileConfig, run_compile
 from dery.passes.assemble import assemble
 
@@ -34,7 +33,8 @@ def test_engine_within_budget_and_report_contract(first, budget) -> None:
     assert REQUIRED <= set(report)
     assert report["schema"] == "dery.report/1" and report["status"] == "ok"
     assert report["measured_latency_ms"] <= budget
-    assert report["rounds"][-1]["within_budget"] and report["rounds"][-1]["measured_ms"] == report["measured_latency_ms"]
+    last = report["rounds"][-1]
+    assert last["within_budget"] and last["measured_ms"] == report["measured_latency_ms"]
     assert [a["set"] for a in report["assembly"]] == [0, 1, 2]
     assert report["assembly"][0]["first"] is None and report["assembly"][-1]["last"] is None
     for a, b in zip(report["assembly"], report["assembly"][1:]):
@@ -43,7 +43,7 @@ def test_engine_within_budget_and_report_contract(first, budget) -> None:
     assert all(set(z) >= {"model", "latency_ms", "params", "accuracy"} for z in report["zoo"])
     assert 0.0 <= report["accuracy"] <= 1.0
     assert json.loads((out / "report.json").read_text()) == report
-    assert (out / report["engine"]).is_file() and (out / "report.md").is_file() and (out / "latency_accuracy.png").is_file()
+    assert all((out / f).is_file() for f in (report["engine"], "report.md", "latency_accuracy.png"))
     side = json.loads((out / (report["engine"] + ".json")).read_text())
     assert side["backend"] == "onnxruntime" and side["measured_latency_ms"] == report["measured_latency_ms"]
     assert "| set | model |" in (out / "report.md").read_text()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
 from dery.passes.lower import lower, run_blockwise
 from dery.zoo import MemberSpec, Network, Normalized, _state_key
 

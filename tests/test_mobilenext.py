@@ -6,10 +6,9 @@ from collections.abc import Iterator
 import pytest
 import timm
 import torch
-from torch import nn
-
 from dery.errors import DeryError
 from dery.models.mobilenext import MobileNeXt, SandglassBlock
+from torch import nn
 
 NAMES = ["mobilenext_035", "mobilenext_050", "mobilenext_075", "mobilenext_100", "mobilenext_140"]
 # Blocks whose input and output widths match at stride 1: the 2nd..n-th block of each stage.
@@ -63,7 +62,8 @@ def test_parameter_count_is_exact(name: str, expected: int) -> None:
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
-@pytest.mark.parametrize("name,expected", [("mobilenext_035", 1280), ("mobilenext_075", 1280), ("mobilenext_140", 1792)])
+@pytest.mark.parametrize("name,expected", [("mobilenext_035", 1280), ("mobilenext_075", 1280),
+                                           ("mobilenext_140", 1792)])
 def test_last_stage_never_narrower_than_1280(name: str, expected: int) -> None:
     """MobileNetV2's head rule: the 1280 channels scale up with the width but never down."""
     model = timm.create_model(name)

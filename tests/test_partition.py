@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from dery.errors import DeryError
 from dery.passes.partition import (
     PartitionProblem,

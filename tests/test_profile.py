@@ -9,7 +9,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from dery.errors import DeryError
 from dery.ir import LatencyRecord, to_json
 from dery.measure import Method, measure, summarize

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-
 from dery.evaluate import accuracy, reference_labels
 from dery.passes.assemble import assemble
 from dery.passes.proxy import linear_probe, logit, naswot, quality, switch_accuracies

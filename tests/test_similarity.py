@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from dery.passes.similarity import cka_from_grams, pool, similarity
 
 
@@ -15,15 +14,15 @@ def direct_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
-def direct_hsic1(k: np.ndarray, l: np.ndarray) -> float:
+def direct_hsic1(k: np.ndarray, g: np.ndarray) -> float:
     """Unbiased HSIC (Song et al. 2012) written out term by term."""
     n = k.shape[0]
-    k, l = k.copy(), l.copy()
+    k, g = k.copy(), g.copy()
     np.fill_diagonal(k, 0)
-    np.fill_diagonal(l, 0)
+    np.fill_diagonal(g, 0)
     one = np.ones(n)
-    return float((np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-                  - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3)))
+    return float((np.trace(k @ g) + (one @ k @ one) * (one @ g @ one) / ((n - 1) * (n - 2))
+                  - 2 / (n - 2) * (one @ k @ g @ one)) / (n * (n - 3)))
 
 
 def features(seed: int, n: int = 40) -> list[np.ndarray]:

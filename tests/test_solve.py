@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from dery.errors import DeryError
 from dery.passes.solve import (
     Candidate,

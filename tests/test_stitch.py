@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dery.evaluate import accuracy
 from dery.ir import CutPoint, Partition
 from dery.passes.assemble import assemble
@@ -55,7 +54,8 @@ def test_cnn_to_transformer_stitch_builds_tokens_position_terms_and_class_token(
     y = m(x)
     assert y.shape == (2, 17, 6)
     grid = F.avg_pool2d(x, 2)  # 8x8 -> the target's 4x4 grid, an exact factor: average pooling
-    tokens = grid.flatten(2).transpose(1, 2) @ torch.from_numpy(weights["weight"]).T + torch.from_numpy(weights["offset"])
+    w, b = torch.from_numpy(weights["weight"]), torch.from_numpy(weights["offset"])
+    tokens = grid.flatten(2).transpose(1, 2) @ w.T + b
     cls = x.mean((2, 3)) @ torch.from_numpy(weights["prefix_weight"]).T + torch.from_numpy(weights["prefix_bias"])
     assert torch.allclose(y[:, 1:], tokens, atol=1e-5) and torch.allclose(y[:, 0], cls, atol=1e-5)
     assert stitch_kind(src, dst) == "nchw>nlc:pool2"
@@ -94,12 +94,12 @@ def test_stitch_between_identical_networks_is_the_identity(tiny) -> None:
                                                                        for x in blocks)), 0.0, "flops", "test")
     fitted = fit_stitches([resnet, twin], part, tiny.data)
     assert set(fitted) == {("resnet", "twin", 0), ("resnet", "twin", 1), ("twin", "resnet", 0), ("twin", "resnet", 1)}
-    for (_, _, j), (weights, r2) in fitted.items():
+    for weights, r2 in fitted.values():
         assert r2 > 0.999
         eye = weights["weight"]
         assert abs(eye - torch.eye(eye.shape[0]).numpy()).max() < 0.05
-    from dery.passes.stitch import Stitches, stitch_cost, stitch_fingerprint
     from dery.ir import Stitch
+    from dery.passes.stitch import Stitches, stitch_cost, stitch_fingerprint
 
     items, modules = [], {}
     for (a, bb, j), (w, r2) in fitted.items():

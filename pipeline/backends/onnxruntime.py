@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from ..cache import atomic_write
 from ..errors import DeryError
-from ..measure import Method, Timing, measure as measure_step
+from ..measure import Method, Timing
+from ..measure import measure as measure_step
 from ..targets import Target
 from . import Piece, check_sidecar
 

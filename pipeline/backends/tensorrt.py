@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from ..cache import atomic_write, atomic_write_bytes, cache_root, damaged
 from ..errors import USAGE, DeryError
-from ..measure import Method, Timing, measure as measure_step
+from ..measure import Method, Timing
+from ..measure import measure as measure_step
 from ..targets import Target, cuda_device_name
 from . import Piece, check_sidecar
 from .torch_cuda import EventTimer, cuda_unavailable

@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from ..cache import atomic_write
 from ..errors import DeryError
-from ..measure import Method, Timing, measure as measure_step
+from ..measure import Method, Timing
+from ..measure import measure as measure_step
 from ..targets import Target, cuda_device_name
 from . import Piece, check_sidecar
 

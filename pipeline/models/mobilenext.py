@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import USAGE, DeryError
 
-__all__ = ["SandglassBlock", "MobileNeXt"]
+__all__ = ["MobileNeXt", "SandglassBlock"]
 
 # (t, c, n, s): reduction ratio, output channels at width 1.0, blocks, first block's stride.
 # The paper's table lists the 960-channel stage twice; three blocks give its parameter count.
