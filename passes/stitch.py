@@ -25,7 +25,6 @@ assembly. Neither touches the zoo networks or the fitted `Stitches`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from dery.data import Dataset
 from dery.errors import DeryError
 from dery.ir import CutPoint, Partition, Stitch
 from dery.passes.lower import Lowered
+from dery.training import fit, mean_loss
 
 if TYPE_CHECKING:
     from dery.passes.assemble import Assembled
@@ -344,63 +344,16 @@ def _store(cache: Cache, key: str, a: str, b: str, j: int, weights: dict[str, np
     return path
 
 
-def _train_loss(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> float:
-    """Mean cross-entropy of an eval-mode module over a whole split."""
-    with torch.no_grad():
-        total = sum(float(F.cross_entropy(module(images[i:i + batch]), labels[i:i + batch], reduction="sum"))
-                    for i in range(0, images.shape[0], batch))
-    return total / images.shape[0]
-
-
-@contextlib.contextmanager
-def _trainable_only(module: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Within the block, exactly `params` require gradients; every flag is restored afterwards."""
-    keep = {id(p) for p in params}
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(id(p) in keep)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Roll a batch by up to 2 px each way (the zoo's own training augmentation)."""
-    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
-    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-
-
 def _train(module: nn.Module, params: Sequence[nn.Parameter], data: Dataset, labels: torch.Tensor, epochs: int,
-           lr: float, weight_decay: float, batch: int, seed: int, bn_train: bool, label: str) -> dict[str, float]:
-    """AdamW with a cosine schedule on `params` only, cross-entropy on the train split; losses before and after."""
+           lr: float, weight_decay: float, batch: int, seed: int, train_mode: bool, label: str) -> dict[str, float]:
+    """Cosine-annealed training of `params` on the train split, with the loss over the split before and after."""
     images = data.images("train")
     if labels.shape[0] != images.shape[0]:
         raise DeryError(f"{label}: {labels.shape[0]} labels for {images.shape[0]} train images")
-    module.eval()
-    before = _train_loss(module, images, labels)
-    n = images.shape[0]
-    steps = epochs * ((n + batch - 1) // batch)
-    gen = torch.Generator().manual_seed(seed)
-    with _trainable_only(module, params):
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-        module.train(bn_train)
-        with progress.task(label, epochs) as advance:
-            for _ in range(epochs):
-                order = torch.randperm(n, generator=gen)
-                for i in range(0, n, batch):
-                    idx = order[i:i + batch]
-                    loss = F.cross_entropy(module(_shift(images[idx], gen)), labels[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                advance()
-        module.eval()
-    return {"loss_before": before, "loss_after": _train_loss(module, images, labels), "epochs": epochs,
-            "steps": steps, "trained_params": sum(p.numel() for p in params)}
+    before = mean_loss(module.eval(), images, labels)
+    out = fit(module, params, images, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, batch=batch,
+              seed=seed, schedule="cosine", train_mode=train_mode, label=label)
+    return {"loss_before": before, "loss_after": mean_loss(module, images, labels), **out}
 
 
 def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epochs: int, *, lr: float = 1e-2,
@@ -420,9 +373,9 @@ def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epoc
             module.parts[i] = copy.deepcopy(part)
     params = [p for part in module.parts if isinstance(part, StitchModule) for p in part.parameters()]
     if not params:
-        loss = _train_loss(module.eval(), data.images("train"), labels)
+        loss = mean_loss(module.eval(), data.images("train"), labels)
         return {"loss_before": loss, "loss_after": loss, "epochs": 0, "steps": 0, "trained_params": 0}
-    return _train(module, params, data, labels, epochs, lr, weight_decay, batch, seed, bn_train=False,
+    return _train(module, params, data, labels, epochs, lr, weight_decay, batch, seed, train_mode=False,
                   label="refining stitches")
 
 
@@ -435,4 +388,4 @@ def fine_tune(module: Assembled, data: Dataset, labels: torch.Tensor, epochs: in
     """
     tuned = copy.deepcopy(module)
     return tuned, _train(tuned, list(tuned.parameters()), data, labels, epochs, lr, weight_decay, batch, seed,
-                         bn_train=True, label="fine-tuning")
+                         train_mode=True, label="fine-tuning")

@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import progress
 from .cache import Cache, content_key
 from .data import Dataset
 from .errors import USAGE, DeryError
+from .training import fit
 
 CHECKPOINT_FORMAT = "dery.checkpoint/1"
 
@@ -55,7 +54,7 @@ class MemberSpec:
 
 _DIGITS_MEMBERS = (
     MemberSpec("resnet", "resnet18", "train",
-               (("channels", (16, 32, 64, 128)), ("layers", (1, 1, 1, 1)), ("stem_type", "deep"), ("stem_width", 8)),
+               (("channels", (12, 24, 48, 96)), ("layers", (1, 1, 1, 1)), ("stem_type", "deep"), ("stem_width", 6)),
                Recipe(epochs=15, lr=2e-3), 32),
     MemberSpec("resnet_wide", "resnet18", "train",
                (("channels", (32, 64, 128, 256)), ("stem_type", "deep"), ("stem_width", 16)),
@@ -66,7 +65,7 @@ _DIGITS_MEMBERS = (
     MemberSpec("mobilenetv3", "mobilenetv3_small_050", "train", (),
                Recipe(epochs=20, lr=5e-3), 32),
     MemberSpec("mobilenext", "mobilenext_035", "train", (),
-               Recipe(epochs=15, lr=5e-3), 32),
+               Recipe(epochs=30, lr=5e-3), 32),
     MemberSpec("vit", "vit_tiny_patch16_224", "train",
                (("img_size", 32), ("patch_size", 8), ("embed_dim", 64), ("depth", 4), ("num_heads", 2),
                 ("mlp_ratio", 2.0)),
@@ -193,36 +192,13 @@ def _state_key(model: nn.Module) -> str:
     return h.hexdigest()[:24]
 
 
-def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
-    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-
-
 def train(module: Normalized, data: Dataset, recipe: Recipe, label: str) -> None:
     """Train a freshly initialised member on the data's train split (deterministic for a seed)."""
     torch.manual_seed(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed)
     split = data.split("train")
-    n = len(split)
-    steps_per_epoch = (n + recipe.batch - 1) // recipe.batch
-    opt = torch.optim.AdamW(module.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
-    images = split.images.float().div_(255.0)
-    module.train()
-    with progress.task(f"training {label}", recipe.epochs) as advance:
-        for _ in range(recipe.epochs):
-            order = torch.randperm(n, generator=gen)
-            total = 0.0
-            for i in range(0, n, recipe.batch):
-                idx = order[i:i + recipe.batch]
-                loss = F.cross_entropy(module(_shift(images[idx], gen)), split.labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(idx)
-            advance(note=f"loss {total / n:.3f}")
-    module.eval()
+    fit(module, list(module.parameters()), data.images("train"), split.labels, epochs=recipe.epochs, lr=recipe.lr,
+        weight_decay=recipe.weight_decay, batch=recipe.batch, seed=recipe.seed, schedule="one-cycle",
+        train_mode=True, label=f"training {label}")
 
 
 def _build(spec: MemberSpec, num_classes: int | None, pretrained: bool = False) -> nn.Module:
