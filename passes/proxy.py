@@ -4,7 +4,7 @@ The program's objective is a quality model made of unary (block) and pairwise
 (stitch) terms, in a link of accuracy on the held-out val split (log-odds
 unless said otherwise):
 
-* `pairwise` (default): a block of model m carries 1/K of logit(acc(m)); a
+* `pairwise`: a block of model m carries 1/K of logit(acc(m)); a
   stitch a->b at boundary j carries what that stitch actually costs: the
   logit accuracy of the two-piece network (a's blocks up to j, the stitch, b's
   blocks after) minus what the unary terms already give it. Every single-
@@ -12,14 +12,13 @@ unless said otherwise):
   the split of a member's term over its blocks, an assembly a->b->c is then
   predicted as odds(a->b) * odds(b->c) / odds(b): the two stitches are
   taken to act independently on the odds of a correct answer.
-* `pairwise-log`: the same construction on log accuracy instead of log-odds,
+* `pairwise-log` (default): the same construction on log accuracy instead of log-odds,
   so acc(a->b->c) = acc(a->b) * acc(b->c) / acc(b): each stitch keeps a
   fraction of the intermediate network's correct answers, independently of
   the other stitches (independent failures multiply probabilities, not odds).
   Pure members and single switches are still exact. On the default zoo it
-  ranks multi-switch assemblies better than `pairwise` (benchmarks/results/
-  quality.md; chosen on val, confirmed on test) and makes the same choices
-  under every budget tried. Scores are log-probabilities, not log-odds:
+  ranks the held-out accuracy of multi-switch assemblies better than
+  `pairwise` (Kendall tau, benchmarks/results/quality.md). Scores are log-probabilities, not log-odds:
   `Quality.accuracy` converts either kind back to an accuracy.
 * `stitch-r2`: the same unary terms, stitches penalised by their held-out fit
   (log R^2), no network evaluation.
@@ -132,7 +131,7 @@ def switch_accuracies(zoo: Sequence[Lowered], partition: Partition, stitches: St
 
 
 def quality(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, data: Dataset, cache: Cache,
-            predictor: str = "pairwise") -> Quality:
+            predictor: str = "pairwise-log") -> Quality:
     """The proxy pass: unary and pairwise quality terms for the program."""
     if predictor not in PREDICTORS:
         raise DeryError(f"unknown quality predictor {predictor!r}; known: {', '.join(PREDICTORS)}", exit_code=USAGE)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from .errors import FAILED, DeryError
 
+# The names dery.passes.proxy implements (kept here so that --help does not import torch; a test checks they agree).
+PREDICTORS = ("pairwise", "pairwise-log", "stitch-r2", "member-acc")
+PROXIES = ("val-acc", "naswot", "linear-probe")
+
 
 def _argument(convert: Callable[[str], float], ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
     """An argparse type: `convert` the text, then insist on `ok`, naming `what` was expected."""
@@ -32,6 +36,7 @@ def _argument(convert: Callable[[str], float], ok: Callable[[float], bool], what
 
 positive_ms = _argument(float, lambda v: 0 < v < float("inf"), "a positive, finite number of milliseconds")
 positive_int = _argument(int, lambda v: v >= 1, "a whole number >= 1")
+non_negative_int = _argument(int, lambda v: v >= 0, "a whole number >= 0")
 non_negative = _argument(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
@@ -65,10 +70,13 @@ def _compile_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--flops-limit", type=non_negative, help="optional upper bound on FLOPs")
     p.add_argument("--memory-limit-mb", type=non_negative,
                    help="optional upper bound on peak activation memory (MB) of every block and stitch")
-    p.add_argument("--predictor", choices=("pairwise", "stitch-r2", "member-acc"), default="pairwise",
-                   help="quality model used as the program's objective (default pairwise)")
-    p.add_argument("--rerank", choices=("val-acc", "naswot", "linear-probe"), default="val-acc",
+    p.add_argument("--predictor", choices=PREDICTORS, default="pairwise-log",
+                   help="quality model used as the program's objective (default pairwise-log)")
+    p.add_argument("--rerank", choices=PROXIES, default="val-acc",
                    help="whole-network proxy that re-ranks the program's best solutions (default val-acc)")
+    p.add_argument("--stitch-epochs", type=non_negative_int, default=0,
+                   help="train the chosen assembly's stitches end to end for this many epochs on the train split "
+                        "(default 0: the closed-form least-squares fit only)")
     p.add_argument("--top", type=positive_int, default=5, help="how many best solutions to re-rank (default 5)")
     p.add_argument("--max-rounds", type=positive_int, default=4, help="closed-loop rounds at most (default 4)")
     p.add_argument("--save-problem", type=Path, help="also write the solved search problem (dery.problem/1)")
@@ -88,6 +96,7 @@ def _config(args: argparse.Namespace):
                          probe=args.probe, predictor=args.predictor, rerank=args.rerank, top=args.top,
                          params_limit=args.params_limit, flops_limit=args.flops_limit,
                          memory_limit_mb=args.memory_limit_mb, max_rounds=args.max_rounds,
+                         stitch_epochs=args.stitch_epochs,
                          save_problem=args.save_problem, pareto=args.pareto, allow_estimates=args.allow_estimates,
                          seed=args.seed)
 

@@ -49,13 +49,14 @@ class CompileConfig:
     slack: float = 0.5
     similarity: str = "pooled"
     probe: int = 256
-    predictor: str = "pairwise"
+    predictor: str = "pairwise-log"
     rerank: str = "val-acc"
     top: int = 5
     params_limit: float | None = None
     flops_limit: float | None = None
     memory_limit_mb: float | None = None
     max_rounds: int = 4
+    stitch_epochs: int = 0
     save_problem: Path | None = None
     pareto: bool = False
     allow_estimates: bool = False
@@ -254,6 +255,7 @@ class Result:
     engine: Any
     timing: Any
     proxy: float
+    refinement: dict | None = None
 
     @property
     def measured_ms(self) -> float | None:
@@ -323,14 +325,27 @@ class Search:
         models = chosen_models(solution)
         with stage("assemble", s.timings):
             assembly, module = assemble(s.lowered, s.partition, s.stitches, models)
+            refinement = self.refine(module)
         with stage("compile", s.timings):
             engine = compile_engine(module, s.zoo[0].input_shape, s.target, self.workdir, name)
         if s.device is None:
-            return Result(solution, models, assembly, module, engine, None, proxy)
+            return Result(solution, models, assembly, module, engine, None, proxy, refinement)
         with stage("verify", s.timings):
             timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered), s.target,
                                     s.cache)
-        return Result(solution, models, assembly, module, engine, timing, proxy)
+        return Result(solution, models, assembly, module, engine, timing, proxy, refinement)
+
+    def refine(self, module) -> dict | None:
+        """`--stitch-epochs`: train the assembly's own stitch copies on the train split (labels, or the zoo's)."""
+        from dery.evaluate import reference_labels
+        from dery.passes.stitch import refine_stitches
+
+        s = self.s
+        if s.config.stitch_epochs == 0:
+            return None
+        labels, kind = reference_labels(s.zoo, s.data, "train")
+        return {**refine_stitches(module, s.data, labels, s.config.stitch_epochs, seed=s.config.seed),
+                "labels": kind}
 
     def best(self, limit_ms: float, exclude: list[tuple[str, ...]]) -> Result | None:
         picked = self.choose(limit_ms, exclude)
@@ -353,13 +368,14 @@ class Search:
                 f"the fastest measured {min(r['measured_ms'] for r in rounds):.4g} ms > {budget_ms:g} ms")
 
     def pareto_sweep(self, points: int = 8) -> list[dict]:
-        """Solve, build and measure a sweep of budgets from the fastest to the slowest member."""
+        """Solve, build and measure a sweep of budgets from the fastest assembly to the slowest member."""
         from dery.evaluate import accuracy as acc
         from dery.evaluate import has_labels
+        from dery.passes.solve import min_achievable
 
         s = self.s
         lat = sorted(r.median_ms for r in s.costs.networks.values())
-        lo = lat[0]
+        lo = min(lat[0], min_achievable(self.problem(lat[-1]), "latency_ms"))
         out, seen = [], set()
         labelled = has_labels(s.zoo, s.data)
         for i in range(points):

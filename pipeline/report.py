@@ -6,7 +6,6 @@ so an output directory never holds a report that points at a missing engine.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +20,6 @@ if TYPE_CHECKING:
 
 SCHEMA = "dery.report/1"
 PLOT = "latency_accuracy.png"
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
 
 
 def build_report(s: Session, final: Result, rounds: list[dict], status: str, pareto: list[dict] | None,
@@ -73,9 +68,10 @@ def build_report(s: Session, final: Result, rounds: list[dict], status: str, par
         "flops": flops,
         "activation_mb": max(b.activation_bytes for b in a.blocks) * s.target.batch / 1e6,
         "accuracy": accuracy(final.module, test_x, test_y) if labelled else None,
-        "predicted_accuracy": _sigmoid(s.quality.score(final.models)),
+        "predicted_accuracy": s.quality.accuracy(final.models),
         "quality": {"predictor": s.quality.predictor, "labels": s.quality.labels, "rerank": s.config.rerank,
                     "proxy": final.proxy, "objective": final.solution.objective},
+        "stitch_refinement": final.refinement,
         "data": {"name": s.data.name, "resolution": s.data.resolution,
                  "splits": {k: len(v) for k, v in s.data.splits.items()}, "labelled": labelled},
         "partition": {"k": s.partition.k, "balance": s.partition.balance, "objective": s.partition.objective,

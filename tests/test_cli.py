@@ -107,3 +107,10 @@ def test_targets_lists_availability(capsys) -> None:
     assert set(rows) == {"cpu", "a100", "h100", "h200"}
     assert "available" in rows["cpu"] and "unavailable" not in rows["cpu"]
     assert "unavailable" in rows["a100"]
+
+
+def test_cli_choices_are_what_the_proxy_pass_implements() -> None:
+    from dery import cli
+    from dery.passes import proxy
+
+    assert cli.PREDICTORS == proxy.PREDICTORS and cli.PROXIES == proxy.PROXIES

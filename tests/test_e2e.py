@@ -180,3 +180,35 @@ def test_memory_limit_prunes_blocks_above_it(tiny) -> None:
     with pytest.raises(DeryError, match="smallest needs"):
         search_problem(tiny.partition, tiny.costs, tiny.quality, tiny.stitches, limits=limits,
                        calibration=tiny.calibration, memory_mb=sizes[0] / 10)
+
+
+def test_pareto_sweep_and_stitch_refinement(tiny, budget, tmp_path) -> None:
+    """--pareto: distinct assemblies from the fastest assembly up, each measured and in the report and plot;
+    --stitch-epochs: the engine carries the refined stitches (its accuracy is the refined module's)."""
+    from dery.passes.solve import min_achievable
+    from dery.passes.stitch import StitchModule
+
+    report = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, pareto=True,
+                                       stitch_epochs=1))
+    sweep = report["pareto"]
+    assert len(sweep) >= 2
+    assert len({tuple(p["chosen"]) for p in sweep}) == len(sweep)
+    assert [p["budget_ms"] for p in sweep] == sorted(p["budget_ms"] for p in sweep)
+    assert all(p["predicted_ms"] <= p["budget_ms"] * (1 + 1e-9) and p["measured_ms"] > 0 for p in sweep)
+    slowest = max(r.median_ms for r in tiny.costs.networks.values())
+    from dery.driver import Search
+
+    search = Search(tiny, tmp_path)
+    assert sweep[0]["budget_ms"] == pytest.approx(min_achievable(search.problem(slowest), "latency_ms"))
+    assert "## Pareto sweep" in (tmp_path / "report.md").read_text()
+    refined = report["stitch_refinement"]
+    models = [a["model"] for a in report["assembly"]]
+    _, module = assemble(tiny.lowered, tiny.partition, tiny.stitches, models)
+    if any(isinstance(p, StitchModule) for p in module.parts):
+        assert refined["trained_params"] > 0 and refined["loss_after"] < refined["loss_before"]
+    else:
+        assert refined["trained_params"] == 0
+    sess = ort.InferenceSession(str(tmp_path / report["engine"]), providers=["CPUExecutionProvider"])
+    x, y = tiny.data.images("test"), tiny.data.split("test").labels
+    got = np.concatenate([sess.run(None, {"x": x[i:i + 1].numpy()})[0] for i in range(len(x))])
+    assert float((torch.from_numpy(got).argmax(1) == y).float().mean()) == pytest.approx(report["accuracy"], abs=1e-9)
