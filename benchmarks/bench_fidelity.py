@@ -37,7 +37,7 @@ def errors_pct(pred: np.ndarray, meas: np.ndarray) -> dict:
 
 def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     """The pipeline up to calibration, then `count` held-out random assemblies compiled and measured."""
-    from dery.driver import CompileConfig, front
+    from dery.driver import CompileConfig, Search, front
     from dery.passes.calibrate import engine_latency, group_of, random_assemblies, sums
     from dery.passes.verify import identity
 
@@ -47,13 +47,15 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     seen = {p.assembly for p in s.store.calibration_points(group_of(s.target, s.device))}
     pool = random_assemblies(s.partition, s.stitches, count + 40, seed=12345)
     held_out = [m for m in pool if identity(m, s.partition, s.stitches, s.lowered) not in seen][:count]
+    program = Search(s, out).problem(1e9)
     rows = []
     t0 = time.perf_counter()
     for i, models in enumerate(held_out):
         blocks, stitches, n = sums(models, s.partition, s.costs)
+        predicted = program.evaluate([f"{m}[{j}]" for j, m in enumerate(models)])[1]["latency_ms"]
         measured = engine_latency(models, s.lowered, s.partition, s.stitches, s.target, s.cache)
         rows.append({"assembly": list(models), "stitches": n, "blocks_ms": blocks, "stitches_ms": stitches,
-                     "plain_sum_ms": blocks + stitches, "predicted_ms": s.calibration.predict(blocks, stitches, n),
+                     "plain_sum_ms": blocks + stitches, "predicted_ms": predicted,
                      "measured_ms": measured})
         print(f"  [{name} {i + 1}/{len(held_out)}] predicted {rows[-1]['predicted_ms']:.4f} measured {measured:.4f}",
               file=sys.stderr, flush=True)

@@ -4,8 +4,9 @@
 
 One run writes benchmarks/results/reassembly.md and benchmarks/results/reassembly.json. On
 the default zoo (six members trained on digits, K = 4, target cpu / ONNX Runtime), for
-budgets spread from the fastest to the slowest member's measured latency (plus one below
-the fastest member, where no member fits), it replays dery-compile's closed loop with
+budgets spread evenly from the fastest to the slowest member's measured latency, plus 2%
+below each slower member's (where that member stops fitting) and one below the fastest
+member (where none fits), it replays dery-compile's closed loop with
 `dery.driver.Search` (program with the default predictor -> 5 best -> re-ranked by the
 val-acc proxy -> compiled engine measured -> re-solved under a tighter limit while it
 overshoots), then measures the chosen assembly's top-1 TEST accuracy
@@ -45,7 +46,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
 REFINE_EPOCHS = 10
 FINE_TUNE_EPOCHS = 5
-MAX_ROUNDS = 4  # dery-compile's default closed-loop rounds
+MAX_ROUNDS = 4
+JUST_BELOW = 0.98  # dery-compile's default closed-loop rounds
 
 
 def correct(module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,9 @@ def study(s: Session, workdir: Path, steps: int, refine_epochs: int, tune_epochs
     member_ok = {m: correct(by_name[m].module, test_images, test_labels) for m in member_ms}
     engines_ms = member_engines(s, workdir)
     lo, hi = min(member_ms.values()), max(member_ms.values())
-    budgets = [0.8 * lo] + [lo + (hi - lo) * i / steps for i in range(steps + 1)]
+    # an even grid over the member range, plus just below each member's latency (where it stops fitting)
+    grid = [lo + (hi - lo) * i / steps for i in range(steps + 1)]
+    budgets = sorted({0.8 * lo, *grid, *(JUST_BELOW * ms for ms in member_ms.values() if ms > lo)})
     tuned_members: dict[str, torch.Tensor] = {}
     rows = []
     for budget in budgets:
@@ -259,6 +263,13 @@ def markdown(doc: dict) -> list[str]:
             md.append(f"| {label} | {mcell} | {'-'.join(c['models'])} | {c['stitches']} | "
                       f"{c['predicted_ms']:.4f} / {c['engine_ms']:.4f}{over} | {_mark(c['as_is'])} | "
                       f"{_mark(c['refined'])} | {_mark(c['fine_tuned'])} |")
+        md += ["", "Where a reassembled network beats every member that fits (budgets in the member range):", ""]
+        in_range = [b for b in z["budgets"] if b["in_member_range"]]
+        for stage in ("as_is", "refined", "fine_tuned"):
+            won = [f"{b['budget_ms']:.4f}" for b in in_range
+                   if b["chosen"] and b["chosen"][stage].get("beats_every_member_that_fits")]
+            md.append(f"- {stage.replace('_', ' ')}: {len(won)} of {len(in_range)} budgets"
+                      + (f" ({', '.join(won)} ms)" if won else ""))
     return md
 
 

@@ -906,7 +906,7 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
                 rec = costs.stitches[a, b, j]
                 transitions.append(Transition(
                     f"{a}[{j}]", f"{b}[{j + 1}]", quality.pairwise[a, b, j],
-                    {"latency_ms": cal.stitch_scale * rec.median_ms + cal.per_stitch_ms, "params": float(st.params),
+                    {"latency_ms": cal.stitch_ms(rec.median_ms), "params": float(st.params),
                      "flops": float(st.flops)},
                     {"kind": st.kind, "r2": round(st.r2, 6), "activation_mb": round(act, 6),
                      **({"estimated": True} if rec.estimated else {})}))

@@ -72,7 +72,13 @@ class Calibration:
     points: int = 0
     max_error: float = 0.0
 
+    def stitch_ms(self, measured_ms: float) -> float:
+        """What one stitch adds to an engine: its share of the fit, never below zero (a stitch costs something;
+        the program's format takes no negative latency)."""
+        return max(0.0, self.stitch_scale * measured_ms + self.per_stitch_ms)
+
     def predict(self, blocks_ms: float, stitches_ms: float, stitches: int) -> float:
+        """The fitted linear model itself (the program sums `stitch_ms` per stitch instead)."""
         return (self.intercept_ms + self.block_scale * blocks_ms + self.stitch_scale * stitches_ms
                 + self.per_stitch_ms * stitches)
 

@@ -156,6 +156,9 @@ def test_calibration_recovers_a_planted_correction() -> None:
     assert cal.points == 30 and cal.max_error < 0.01
     assert cal.block_scale == pytest.approx(0.9, abs=0.02) and cal.stitch_scale == pytest.approx(1.5, abs=0.1)
     assert cal.predict(1.0, 0.1, 2) == pytest.approx(-0.05 + 0.9 + 0.15 + 0.04, rel=0.02)
+    assert cal.stitch_ms(0.05) == pytest.approx(1.5 * 0.05 + 0.02, rel=0.05)
+    saving = dataclasses.replace(cal, per_stitch_ms=-0.1)
+    assert saving.stitch_ms(0.05) == 0.0 and saving.stitch_ms(1.0) == pytest.approx(1.5 - 0.1, rel=0.05)
     single = fit_calibration(pts[:1])
     assert (single.block_scale, single.intercept_ms, single.points) == (1.0, 0.0, 1)
 
