@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -264,3 +265,22 @@ def test_partition_pass_on_real_networks(tmp_path):
     idx = [[sim.index(m["model"], b) for b in m["boundaries"]] for m in doc["models"]]
     assert doc["objective"] == pytest.approx(1 + 2 * sum(matrix[i, j] for i, j in zip(*idx)))
     assert partition(zoo, sim, 4, balance="flops") == part
+
+
+def test_same_zoo_same_partition_byte_for_byte(tiny, tmp_path):
+    """Similarity recomputed from scratch in two empty caches, then partitioned: identical bytes, and the
+    same partition the session cached."""
+    from dery.cache import Cache
+    from dery.ir import to_json
+    from dery.passes.partition import partition, partition_json
+    from dery.passes.similarity import similarity
+
+    docs, matrices = [], []
+    for run in range(2):
+        sim = similarity(tiny.lowered, tiny.data, Cache(tmp_path / f"cache{run}"), mode="pooled")
+        matrices.append(np.asarray(sim.matrix).tobytes())
+        part = partition(tiny.lowered, sim, 3, balance="flops", slack=0.5)
+        docs.append(json.dumps(partition_json(part), sort_keys=True).encode())
+        assert to_json(part) == to_json(tiny.partition)
+    assert matrices[0] == matrices[1]
+    assert docs[0] == docs[1]
