@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+import _common as common
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 TIMM_ZOO = "resnet18:random,mobilenetv3_large_100:random,efficientnet_b0:random,deit_tiny_patch16_224:random"
 
 
@@ -115,9 +115,9 @@ def main() -> None:
     count = 10 if args.quick else args.count
     specs = {"default": ("default", 4), "timm": (TIMM_ZOO, 4)}
     zoos = [run_zoo(z, specs[z][0], specs[z][1], count, Path("/tmp/dery-bench-out")) for z in args.zoos.split(",")]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    doc = {"machine": f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
+    info = common.machine("torch")
+    doc = {"machine": f"{info['cpu']}, {info['cores_usable']} usable cores, Python {info['python']}, torch "
+                      f"{info['torch']}, load average {info['load_avg_start'][0]:.1f} at the end",
            "onnxruntime": onnxruntime.__version__, "command": " ".join(["python", *sys.argv]), "zoos": zoos}
     RESULTS.mkdir(exist_ok=True)
     suffix = "-quick" if args.quick else ""

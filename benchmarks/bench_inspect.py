@@ -20,7 +20,6 @@ import functools
 import gc
 import json
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -30,10 +29,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
+import _common as common
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 MIN_CUTS = 8
 MAX_DIFF = 1e-5
 
@@ -91,16 +90,7 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import timm
-
-    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "platform": platform.platform(), "load_avg_start": os.getloadavg()}
+    return common.machine("torch", "timm", "numpy", torch_threads=torch.get_num_threads())
 
 
 def families(names: list[str]) -> dict[str, str]:
@@ -296,4 +286,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run(main)

@@ -14,21 +14,17 @@ equal to brute force wherever enumeration is possible.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import itertools
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+import _common as common
 import highspy
 import numpy as np
-from dery.errors import DeryError
 from dery.passes.partition import (
     BRUTE_FORCE_LIMIT,
     SHARE_TOL,
@@ -40,23 +36,12 @@ from dery.passes.partition import (
     synthetic_problem,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 TIE = 1e-9  # objectives this close count as equal
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "cores_total": os.cpu_count(),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "highspy": importlib.metadata.version("highspy"), "highs": highspy.Highs().version(),
-            "platform": platform.platform()}
+    return common.machine("numpy", "highspy", highs=highspy.Highs().version())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,8 +331,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DeryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    common.run(main)

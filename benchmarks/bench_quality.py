@@ -21,27 +21,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import itertools
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import scipy.stats
 import torch
 from dery.driver import CompileConfig, Search, Session, front
-from dery.errors import DeryError
 from dery.evaluate import accuracy, reference_labels
 from dery.passes.assemble import assemble
 from dery.passes.proxy import PREDICTORS, PROXIES, quality, whole_network_score
 from dery.passes.solve import best_solutions, chosen_models, min_achievable
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 SEED = 0
 BUDGETS = 8  # from the fastest assembly the program can build to the slowest member
 DEFAULT_PREDICTOR = CompileConfig(target="cpu", latency_ms=1.0).predictor
@@ -49,18 +46,7 @@ DEFAULT_RERANK = CompileConfig(target="cpu", latency_ms=1.0).rerank
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "onnxruntime": importlib.metadata.version("onnxruntime"),
-            "platform": platform.platform()}
+    return common.machine("torch", "numpy", "scipy", "onnxruntime", torch_threads=torch.get_num_threads())
 
 
 def session(out: Path) -> Session:
@@ -187,16 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                       "space": len(space_keys)},
            "validation": validation, "exhaustive": exhaustive, "budgets": study, "total_s": total,
            "assemblies": list(space.values())}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = markdown(doc)
-    (RESULTS / "quality.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    common.write_results("quality", doc, markdown(doc))
     return 0
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
 
 
 def _table(scores: list[dict]) -> list[str]:
@@ -204,8 +182,8 @@ def _table(scores: list[dict]) -> list[str]:
              "|---|---|---|---|---|"]
     for r in sorted(scores, key=lambda r: -r["tau"]):
         kind = "unary+pairwise" if r["predictor"] in PREDICTORS else "whole-network"
-        lines.append(f"| `{r['predictor']}` | {kind} | {r['tau']:.3f} | {_pct(r['top1_test_acc'])} | "
-                     f"{_pct(r['regret'])} |")
+        lines.append(f"| `{r['predictor']}` | {kind} | {r['tau']:.3f} | {common.pct(r['top1_test_acc'])} | "
+                     f"{common.pct(r['regret'])} |")
     return lines
 
 
@@ -224,7 +202,7 @@ def verdict(doc: dict) -> list[str]:
         else:
             lines.append(f"- {what}: `{best}` ranks best, tau {b['tau']:.3f} on multi-switch assemblies, "
                          f"{b['tau'] - d['tau']:+.3f} over the default `{default}` ({d['tau']:.3f}); top-1 "
-                         f"regret {_pct(b['regret'])} vs {_pct(d['regret'])} points.")
+                         f"regret {common.pct(b['regret'])} vs {common.pct(d['regret'])} points.")
     return lines
 
 
@@ -240,7 +218,7 @@ def markdown(doc: dict) -> list[str]:
           + f". Ground truth: top-1 accuracy on the test split ({doc['test_labels']}), no training of any "
           f"assembly. Predictors read val only ({doc['labels']}).", "",
           "| member | val acc | test acc | measured latency (ms) |", "|---|---|---|---|"]
-    md += [f"| {m} | {_pct(z['val_acc'])} | {_pct(z['test_acc'])} | {z['latency_ms']:.4f} |"
+    md += [f"| {m} | {common.pct(z['val_acc'])} | {common.pct(z['test_acc'])} | {z['latency_ms']:.4f} |"
            for m, z in doc["zoo"].items()]
     md += ["", f"## Validation set: {c['validation']} assemblies ({c['pure']} pure members, {c['single']} "
            f"single-switch, {c['multi']} random multi-switch)", "",
@@ -263,19 +241,16 @@ def markdown(doc: dict) -> list[str]:
                + " | ".join(f"`{n}`" for n in names) + " |",
                "|---|---|---|---|" + "---|" * len(names)]
         for b in doc["budgets"]:
-            cells = [f"{_pct(ch['test_acc'])} (-{_pct(ch['regret'])})" for ch in b["choices"].values()]
-            md.append(f"| {b['budget_ms']:.4f} | {b['feasible']} | {_pct(b['best_test_acc'])} | "
-                      f"{b['best_member'] or '-'} ({_pct(b['best_member_test_acc'])}) | " + " | ".join(cells) + " |")
+            cells = [f"{common.pct(ch['test_acc'])} (-{common.pct(ch['regret'])})" for ch in b["choices"].values()]
+            md.append(f"| {b['budget_ms']:.4f} | {b['feasible']} | {common.pct(b['best_test_acc'])} | "
+                      f"{b['best_member'] or '-'} ({common.pct(b['best_member_test_acc'])}) | "
+                      + " | ".join(cells) + " |")
         md += ["", "Mean regret over the budgets (points):", ""]
         for n in names:
             vals = [b["choices"][n]["regret"] for b in doc["budgets"] if b["choices"][n]["regret"] is not None]
-            md.append(f"- `{n}`: {_pct(float(np.mean(vals)))}")
+            md.append(f"- `{n}`: {common.pct(float(np.mean(vals)))}")
     return md
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DeryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    common.run(main)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import shutil
 import sys
@@ -30,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 import scipy.stats
 import torch
 from bench_quality import DEFAULT_PREDICTOR, DEFAULT_RERANK, machine, session
@@ -42,7 +41,7 @@ from dery.passes.stitch import StitchModule, fine_tune, refine_stitches
 from dery.passes.verify import identity, measure_engine, next_limit
 from dery.zoo import load_member, parse_zoo
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 SEED = 0
 REFINE_EPOCHS = 10
 FINE_TUNE_EPOCHS = 5
@@ -209,23 +208,15 @@ def main(argv: list[str] | None = None) -> int:
                "zoos": zoos, "total_s": time.perf_counter() - started}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "reassembly.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = markdown(doc)
-    (RESULTS / "reassembly.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    common.write_results("reassembly", doc, markdown(doc))
     return 0
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
 def _mark(entry: dict) -> str:
     if "beats_every_member_that_fits" not in entry:
-        return f"{_pct(entry['test_acc'])} (no member fits)"
+        return f"{common.pct(entry['test_acc'])} (no member fits)"
     verdict = "**beats**" if entry["beats_every_member_that_fits"] else "no"
-    return f"{_pct(entry['test_acc'])} ({verdict}, p={entry['mcnemar_p_vs_member']:.2g})"
+    return f"{common.pct(entry['test_acc'])} ({verdict}, p={entry['mcnemar_p_vs_member']:.2g})"
 
 
 def markdown(doc: dict) -> list[str]:
@@ -247,13 +238,14 @@ def markdown(doc: dict) -> list[str]:
                "| member | measured latency (ms) | engine (ms) | val acc | test acc | after the same fine-tune |",
                "|---|---|---|---|---|---|"]
         for m, r in sorted(z["members"].items(), key=lambda kv: kv[1]["latency_ms"]):
-            md.append(f"| {m} | {r['latency_ms']:.4f} | {r['engine_ms']:.4f} | {_pct(r['val_acc'])} | "
-                      f"{_pct(r['test_acc'])} | {_pct(r['fine_tuned_test_acc'])} |")
+            md.append(f"| {m} | {r['latency_ms']:.4f} | {r['engine_ms']:.4f} | {common.pct(r['val_acc'])} | "
+                      f"{common.pct(r['test_acc'])} | {common.pct(r['fine_tuned_test_acc'])} |")
         md += ["", "| budget (ms) | best member that fits (test; fine-tuned) | chosen assembly | stitches | "
                "predicted / engine ms | as is | stitches refined | fine-tuned |", "|---|---|---|---|---|---|---|---|"]
         for b in z["budgets"]:
             mem = b.get("member")
-            mcell = f"{mem['name']} ({_pct(mem['test_acc'])}; {_pct(mem['fine_tuned_test_acc'])})" if mem else "none"
+            mcell = (f"{mem['name']} ({common.pct(mem['test_acc'])}; {common.pct(mem['fine_tuned_test_acc'])})"
+                     if mem else "none")
             c = b["chosen"]
             label = f"{b['budget_ms']:.4f}{'' if b['in_member_range'] else ' (below every member)'}"
             if c is None:
@@ -274,8 +266,4 @@ def markdown(doc: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DeryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    common.run(main)

@@ -13,7 +13,6 @@ import argparse
 import filecmp
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import _common as common
+
+RESULTS = common.RESULTS
 
 
 def run(args: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -48,7 +49,7 @@ def main() -> None:
     doc = {"command": " ".join(["dery-compile", *base[1:]]), "first_s": first_s, "second_s": second_s,
            "speedup": first_s / second_s, "same_report_bytes": same,
            "assembly": [a["model"] for a in report["assembly"]], "status": report["status"],
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "machine": f"{common.cpu_name()}, {len(os.sched_getaffinity(0))} usable cores",
            "first_stdout": first_out, "second_stdout": second_out}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "rerun.json").write_text(json.dumps(doc, indent=1))

@@ -30,7 +30,6 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -40,11 +39,12 @@ import tracemalloc
 import warnings
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
 from dery.passes.similarity import cka_from_grams
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 TOL = 1e-8
 RESOLUTION = 224
 ZOO = ("resnet50", "regnety_016", "mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0", "convnext_tiny",
@@ -100,19 +100,10 @@ def run_worker(*args: str) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import timm
-
     blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})
-    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "blas": f"{blas.get('name', '?')} {blas.get('version', '')}".strip(),
-            "platform": platform.platform(), "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB,
-            "load_avg_start": os.getloadavg()}
+    return common.machine("torch", "timm", "numpy", torch_threads=torch.get_num_threads(),
+                          blas=f"{blas.get('name', '?')} {blas.get('version', '')}".strip(),
+                          memory_gb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB)
 
 
 # ------------------------------------------------------------------------------------------
@@ -490,4 +481,4 @@ def write_report(doc: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run(main)

@@ -11,21 +11,17 @@ One run writes benchmarks/results/solver.md and benchmarks/results/solver.json:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import platform
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import _common as common
 import highspy
 import numpy as np
 from dery.passes.solve import Problem, _Mip, _reduce, brute_force, max_achievable, min_achievable, random_problem, solve
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 
 
 def fresh(p: Problem) -> Problem:
@@ -34,18 +30,7 @@ def fresh(p: Problem) -> Problem:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "cores_total": os.cpu_count(),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "highspy": importlib.metadata.version("highspy"), "highs": highspy.Highs().version(),
-            "platform": platform.platform()}
+    return common.machine("numpy", "highspy", highs=highspy.Highs().version())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,4 +329,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run(main)

@@ -1,0 +1,56 @@
+"""What every benchmark shares: a description of the machine it ran on, and its entry point."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(*packages: str, **extra: Any) -> dict:
+    """CPU, cores, Python, platform, load, and the installed version of each named distribution."""
+    return {"cpu": cpu_name(), "cores_usable": len(os.sched_getaffinity(0)), "cores_total": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "load_avg_start": os.getloadavg(), **{p: importlib.metadata.version(p) for p in packages}, **extra}
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Run a benchmark's main; a dery user error ends it with one line and dery's exit code."""
+    from dery.errors import DeryError
+
+    try:
+        sys.exit(main())
+    except DeryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def write_results(name: str, doc: dict, markdown: list[str]) -> None:
+    """benchmarks/results/<name>.json and <name>.md, and the markdown on stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(markdown) + "\n")
+    print("\n".join(markdown))
+
+
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with two decimals ('-' for none)."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
