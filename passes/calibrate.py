@@ -78,8 +78,9 @@ def engine_latency(models: tuple[str, ...], zoo: Sequence[Lowered], partition: P
 
 
 def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, costs: Costs, target: Target,
-              store: ProfileStore, cache: Cache, *, assemblies: int = 8, seed: int = 0) -> Calibration:
-    """The calibrate pass: add this zoo's points when the target is here, then fit all of the group's points.
+              store: ProfileStore, cache: Cache, *, assemblies: int = 12, seed: int = 0) -> Calibration:
+    """The calibrate pass: add this zoo's points when the target is here, then fit them (a zoo of networks
+    ten times larger or smaller caches and fuses differently; other zoos' points are not mixed in).
 
     Without the device, the stored points of the best-covered matching device are used (none: the plain sum).
     """
@@ -94,14 +95,14 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
         b, s, n = sums(models, partition, costs)
         return CalibrationPoint(*group, identity(models, partition, stitches, zoo), b, s, n, measured, when)
 
-    for m in partition.models:
-        models = (m,) * partition.k
+    members = [(m,) * partition.k for m in partition.models]
+    mixed = random_assemblies(partition, stitches, assemblies, seed)
+    for models in members:
         if identity(models, partition, stitches, zoo) not in known:
-            store.add_point(point(models, costs.networks[m].median_ms))
-    todo = [m for m in random_assemblies(partition, stitches, assemblies, seed)
-            if identity(m, partition, stitches, zoo) not in known]
+            store.add_point(point(models, costs.networks[models[0]].median_ms))
+    todo = [m for m in mixed if identity(m, partition, stitches, zoo) not in known]
     with progress.task("calibrating", len(todo)) as advance:
         for models in todo:
             store.add_point(point(models, engine_latency(models, zoo, partition, stitches, target, cache)))
             advance()
-    return store.calibration(group)
+    return store.calibration(group, {identity(m, partition, stitches, zoo) for m in [*members, *mixed]})

@@ -181,9 +181,12 @@ class ProfileStore:
         """Points measured with one (target, device, backend, version, precision, batch), in key order."""
         return sorted((p for p in self.points.values() if p.group == group), key=lambda p: p.key)
 
-    def calibration(self, group: tuple[str, str, str, str, str, int]) -> Calibration:
-        """The correction model fitted to a group's points (the plain sum without points)."""
-        return fit_calibration(self.calibration_points(group))
+    def calibration(self, group: tuple[str, str, str, str, str, int],
+                    assemblies: set[str] | None = None) -> Calibration:
+        """The correction model fitted to a group's points, only those of `assemblies` when given (the plain
+        sum without points)."""
+        return fit_calibration([p for p in self.calibration_points(group)
+                                if assemblies is None or p.assembly in assemblies])
 
     def calibration_for(self, target: Target) -> Calibration:
         """For a device that is not here: the fit of the matching group with the most points."""
