@@ -88,7 +88,8 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {z['zoo']} | {z['assemblies']} | {key.replace('_', ' ')} | {e['median_abs_pct']:.2f}% | "
                          f"{e['p95_abs_pct']:.2f}% | {e['max_abs_pct']:.1f}% | {100 * e['within_5pct']:.0f}% | "
                          f"{100 * e['within_10pct']:.0f}% | {e['mean_signed_pct']:+.2f}% |")
-    lines += ["", "Calibration fitted per zoo run (all points stored for this target and CPU):", ""]
+    lines += ["", "Calibration fitted per zoo run (that zoo's members and 12 random assemblies, measured on this "
+                  "CPU):", ""]
     for z in doc["zoos"]:
         c = z["calibration"]
         lines.append(f"- {z['zoo']}: engine = {c['intercept_ms']:+.4f} ms + {c['block_scale']:.3f} x blocks + "
