@@ -5,9 +5,9 @@ one call instead of one per block, its optimiser fuses across boundaries, and a
 stitch costs more (or less) inside the engine than alone. This pass measures a
 few whole engines - every zoo member (no stitch) and a handful of seeded random
 assemblies (with stitches) - records each next to the sums the program would
-predict it from, and fits `Calibration` to all points measured for this target,
-device and backend version. Points are stored with the profile, so they
-accumulate across zoos and runs and are never measured twice.
+predict it from, and fits `Calibration` to this zoo's points for the target,
+device and backend version. Points are stored with the profile, so they are
+never measured twice; other zoos' points serve only a device that is not here.
 """
 from __future__ import annotations
 
@@ -90,19 +90,20 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
     group = group_of(target, device)
     known = {p.assembly for p in store.calibration_points(group)}
     when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    members = [(m,) * partition.k for m in partition.models]
+    mixed = random_assemblies(partition, stitches, assemblies, seed)
+    ids = {m: identity(m, partition, stitches, zoo) for m in [*members, *mixed]}
 
     def point(models: tuple[str, ...], measured: float) -> CalibrationPoint:
         b, s, n = sums(models, partition, costs)
-        return CalibrationPoint(*group, identity(models, partition, stitches, zoo), b, s, n, measured, when)
+        return CalibrationPoint(*group, ids[models], b, s, n, measured, when)
 
-    members = [(m,) * partition.k for m in partition.models]
-    mixed = random_assemblies(partition, stitches, assemblies, seed)
     for models in members:
-        if identity(models, partition, stitches, zoo) not in known:
+        if ids[models] not in known:
             store.add_point(point(models, costs.networks[models[0]].median_ms))
-    todo = [m for m in mixed if identity(m, partition, stitches, zoo) not in known]
+    todo = [m for m in mixed if ids[m] not in known]
     with progress.task("calibrating", len(todo)) as advance:
         for models in todo:
             store.add_point(point(models, engine_latency(models, zoo, partition, stitches, target, cache)))
             advance()
-    return store.calibration(group, {identity(m, partition, stitches, zoo) for m in [*members, *mixed]})
+    return store.calibration(group, set(ids.values()))

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import FAILED, DeryError
+from .errors import FAILED, USAGE, DeryError
 
 # The names dery.passes.proxy implements (kept here so that --help does not import torch; a test checks they agree).
 PREDICTORS = ("pairwise", "pairwise-log", "stitch-r2", "member-acc")
@@ -175,13 +175,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     if args.merge:
         if args.output is None:
-            raise DeryError("--merge needs -o/--output FILE for the merged table", exit_code=2)
+            raise DeryError("--merge needs -o/--output FILE for the merged table", exit_code=USAGE)
         summary = merge_tables(list(args.merge), args.output)
         print(f"merged {summary['inputs']} tables: {summary['records']} records, "
               f"{summary['calibration_points']} calibration points -> {args.output}")
         return 0
     if args.target is None:
-        raise DeryError("dery profile needs --target (or --merge A.json B.json -o C.json)", exit_code=2)
+        raise DeryError("dery profile needs --target (or --merge A.json B.json -o C.json)", exit_code=USAGE)
     s = front(CompileConfig(target=args.target, latency_ms=1.0, zoo=args.zoo, data=args.data, k=args.k,
                             balance=args.balance, slack=args.slack, similarity=args.similarity, probe=args.probe,
                             seed=args.seed))

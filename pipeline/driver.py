@@ -280,6 +280,15 @@ class Search:
         self.s = session
         self.workdir = workdir
         self._proxy: dict[tuple[str, ...], float] = {}
+        self._labels: dict[str, Any] = {}
+
+    def labels(self, split: str) -> Any:
+        """A split's labels, or the zoo ensemble's predictions where there are none that fit (once per session)."""
+        from dery.evaluate import reference_labels
+
+        if split not in self._labels:
+            self._labels[split] = reference_labels(self.s.zoo, self.s.data, split)
+        return self._labels[split]
 
     def problem(self, limit_ms: float):
         from dery.passes.solve import search_problem
@@ -291,14 +300,13 @@ class Search:
 
     def proxy(self, models: tuple[str, ...]) -> float:
         """The re-ranking proxy of an assembly (cached for the session)."""
-        from dery.evaluate import reference_labels
         from dery.passes.assemble import assemble
         from dery.passes.proxy import whole_network_score
 
         if models not in self._proxy:
             s = self.s
             _, module = assemble(s.lowered, s.partition, s.stitches, models)
-            labels, _ = reference_labels(s.zoo, s.data, "val")
+            labels, _ = self.labels("val")
             self._proxy[models] = whole_network_score(s.config.rerank, module, s.data, labels)
         return self._proxy[models]
 
@@ -337,13 +345,12 @@ class Search:
 
     def refine(self, module) -> dict | None:
         """`--stitch-epochs`: train the assembly's own stitch copies on the train split (labels, or the zoo's)."""
-        from dery.evaluate import reference_labels
         from dery.passes.stitch import refine_stitches
 
         s = self.s
         if s.config.stitch_epochs == 0:
             return None
-        labels, kind = reference_labels(s.zoo, s.data, "train")
+        labels, kind = self.labels("train")
         return {**refine_stitches(module, s.data, labels, s.config.stitch_epochs, seed=s.config.seed),
                 "labels": kind}
 
