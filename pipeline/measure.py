@@ -1,45 +1,57 @@
 """The measurement method every backend shares.
 
-Warm up for `warmup_s`, then time at least `min_iters` calls and at least
-`min_time_s` seconds, one sample per call; report median, p90, min, mean and
-the coefficient of variation. When the variation is above `max_cv` the whole
-measurement is repeated (up to `retries` times) and the steadiest attempt is
-kept; if even that one is noisy the result says so (`noisy`). Inputs are
-prepared by the caller before `measure` is called, so the timed region holds
-the call alone. A step may return its own elapsed milliseconds (a device timer
-such as CUDA events); otherwise the host's monotonic clock times it.
+A measurement is made of `windows` separate windows. Each window warms up for
+`warmup_s`, then times at least `min_iters` calls and at least `window_s`
+seconds, one sample per call, and summarises them by their median. The result
+is the fastest window: its median, p90 and coefficient of variation, with the
+minimum over all calls. Interference (another process, a neighbour on the
+host, a frequency dip) only ever slows a window down, and on a shared machine
+it comes in bursts of a fraction of a second to tens of seconds; so pieces
+measured together take their windows in turn (`measure_all`), which spreads
+each piece's windows over the whole run, and the fastest window is the one the
+least disturbed. When the two fastest windows still disagree by more than
+`max_spread`, up to `extra_windows` more windows are taken, and a measurement
+that stays unsettled says so (`noisy`). Inputs are prepared by the caller
+before `measure` is called, so the timed region holds the call alone. A step
+may return its own elapsed milliseconds (a device timer such as CUDA events);
+otherwise the host's monotonic clock times it.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+Step = Callable[[], float | None]
+
 
 @dataclass(frozen=True)
 class Method:
-    """How long and how often to time; the defaults suit CPU blocks of 0.01-100 ms."""
+    """How long and how often to time; the defaults suit CPU pieces of 0.01-100 ms."""
 
-    warmup_s: float = 0.1
-    min_iters: int = 20
-    min_time_s: float = 0.25
+    windows: int = 5
+    warmup_s: float = 0.02
+    min_iters: int = 10
+    window_s: float = 0.06
     max_iters: int = 100_000
-    max_cv: float = 0.10
-    retries: int = 2
+    max_spread: float = 0.05
+    extra_windows: int = 5
 
     def describe(self) -> str:
-        return (f"warm-up {self.warmup_s:g}s; >= {self.min_iters} runs and >= {self.min_time_s:g}s; median; "
-                f"re-measured up to {self.retries}x when cv > {self.max_cv:g}")
+        return (f"{self.windows} windows taken in turn with the other pieces, each: warm-up {self.warmup_s:g}s, "
+                f">= {self.min_iters} runs and >= {self.window_s:g}s, median; the fastest window; up to "
+                f"{self.extra_windows} more windows when the two fastest differ by > {self.max_spread:g}")
 
 
-FAST = Method(warmup_s=0.02, min_iters=10, min_time_s=0.05, retries=1)
+FAST = Method(windows=2, warmup_s=0.01, min_iters=10, window_s=0.02, extra_windows=0)
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Summary of one measurement, in milliseconds."""
+    """Summary of one measurement, in milliseconds: the fastest window's median, p90, mean and cv, the minimum
+    over every call, all calls made, the windows taken and the relative gap between the two fastest windows."""
 
     median_ms: float
     p90_ms: float
@@ -47,20 +59,25 @@ class Timing:
     mean_ms: float
     cv: float
     runs: int
-    attempts: int
+    windows: int
+    spread: float
     noisy: bool
 
 
-def summarize(samples_ms: np.ndarray, attempts: int, max_cv: float) -> Timing:
-    """Statistics of a sample of per-call times."""
-    s = np.asarray(samples_ms, dtype=np.float64)
-    mean = float(s.mean())
-    cv = float(s.std() / mean) if mean > 0 else 0.0
-    return Timing(float(np.median(s)), float(np.percentile(s, 90)), float(s.min()), mean, cv, int(s.size),
-                  attempts, cv > max_cv)
+def summarize(windows: Sequence[np.ndarray], max_spread: float) -> Timing:
+    """Statistics of the per-call times of each window (one array per window)."""
+    medians = np.array([np.median(w) for w in windows])
+    order = np.argsort(medians, kind="stable")
+    best = np.asarray(windows[order[0]], dtype=np.float64)
+    mean = float(best.mean())
+    spread = float(medians[order[1]] / medians[order[0]] - 1.0) if len(windows) > 1 and medians[order[0]] > 0 \
+        else 0.0
+    return Timing(float(medians[order[0]]), float(np.percentile(best, 90)), float(min(np.min(w) for w in windows)),
+                  mean, float(best.std() / mean) if mean > 0 else 0.0, int(sum(len(w) for w in windows)),
+                  len(windows), spread, spread > max_spread)
 
 
-def _sample(step: Callable[[], float | None], method: Method) -> np.ndarray:
+def _window(step: Step, method: Method) -> np.ndarray:
     start = time.perf_counter()
     step()
     while time.perf_counter() - start < method.warmup_s:
@@ -68,21 +85,26 @@ def _sample(step: Callable[[], float | None], method: Method) -> np.ndarray:
     samples = []
     begin = time.perf_counter()
     while len(samples) < method.max_iters and (len(samples) < method.min_iters
-                                               or time.perf_counter() - begin < method.min_time_s):
+                                               or time.perf_counter() - begin < method.window_s):
         t0 = time.perf_counter()
         own = step()
         t1 = time.perf_counter()
         samples.append(own if own is not None else (t1 - t0) * 1e3)
-    return np.asarray(samples)
+    return np.asarray(samples, dtype=np.float64)
 
 
-def measure(step: Callable[[], float | None], method: Method = Method()) -> Timing:
-    """Time `step` by the shared method; re-measure while the variation is high."""
-    best: Timing | None = None
-    for attempt in range(1, method.retries + 2):
-        t = summarize(_sample(step, method), attempt, method.max_cv)
-        if best is None or t.cv < best.cv:
-            best = Timing(**{**t.__dict__, "attempts": attempt})
-        if not t.noisy:
-            break
-    return Timing(**{**best.__dict__, "attempts": attempt})
+def measure_all(steps: Sequence[Step], method: Method = Method()) -> list[Timing]:
+    """Time several steps by the shared method, their windows taken in turn (round robin)."""
+    windows: list[list[np.ndarray]] = [[] for _ in steps]
+    todo = list(range(len(steps)))
+    for r in range(method.windows + method.extra_windows):
+        if r >= method.windows:
+            todo = [i for i in todo if summarize(windows[i], method.max_spread).noisy]
+        for i in todo if r % 2 == 0 else todo[::-1]:
+            windows[i].append(_window(steps[i], method))
+    return [summarize(w, method.max_spread) for w in windows]
+
+
+def measure(step: Step, method: Method = Method()) -> Timing:
+    """Time one step by the shared method (its windows follow each other)."""
+    return measure_all([step], method)[0]

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from dery.backends import Piece, check_sidecar, sidecar_path, tensorrt, torch_cuda
 from dery.errors import USAGE, DeryError
-from dery.measure import FAST, Method
+from dery.measure import FAST, Method, measure, measure_all
 from dery.onnx_graph import export
 from dery.targets import get_target
 
@@ -339,8 +339,8 @@ def test_tensorrt_timing_replays_a_cuda_graph(plan) -> None:
     engine = tensorrt.load_engine(plan, local_target("tensorrt", "fp16"))
     timer = torch_cuda.EventTimer(engine.launch, engine.stream)
     assert timer.graphed and 0 < timer() < 100
-    t = tensorrt.time_engine(plan, local_target("tensorrt", "fp16"), FAST)
-    assert 0 < t.min_ms <= t.median_ms < 100 and t.runs >= FAST.min_iters
+    t = measure(tensorrt.engine_step(plan, local_target("tensorrt", "fp16")), FAST)
+    assert 0 < t.min_ms <= t.median_ms < 100 and t.runs >= FAST.windows * FAST.min_iters
 
 
 @pytest.mark.gpu
@@ -370,7 +370,7 @@ def test_tensorrt_refuses_an_engine_built_elsewhere(plan) -> None:
 @needs_trt
 def test_tensorrt_measures_a_piece(small_onnx) -> None:
     piece = Piece("small", "f" * 24, (3, 16, 16), small_onnx, small_net)
-    t = tensorrt.measure(piece, local_target("tensorrt", "fp16", batch=2), FAST)
+    t = measure(tensorrt.step(piece, local_target("tensorrt", "fp16", batch=2)), FAST)
     assert 0 < t.median_ms < 100
 
 
@@ -408,10 +408,10 @@ class MatmulChain(nn.Module):
 @needs_gpu
 def test_torch_cuda_measures_twice_the_work_as_about_twice_the_time() -> None:
     target = local_target("torch-cuda", "fp16", batch=4096)
-    method = Method(warmup_s=0.2, min_iters=20, min_time_s=0.5)
-    single, double = (torch_cuda.measure(Piece(f"chain{n}", "c" * 24, (4096,), onnx.ModelProto(),
-                                               lambda n=n: MatmulChain(n)), target, method).median_ms
-                      for n in (8, 16))
+    method = Method(warmup_s=0.2, min_iters=20, window_s=0.1)
+    single, double = (t.median_ms for t in measure_all(
+        [torch_cuda.step(Piece(f"chain{n}", "c" * 24, (4096,), onnx.ModelProto(), lambda n=n: MatmulChain(n)),
+                         target) for n in (8, 16)], method))
     assert 1.5 < double / single < 2.5, (single, double)
 
 
@@ -425,5 +425,5 @@ def test_torch_cuda_package_round_trip(tmp_path) -> None:
     with torch.no_grad():
         want = net(torch.from_numpy(x)).numpy()
     assert relative_error(torch_cuda.load_engine(path, target)(x), want) < FP16_RTOL
-    t = torch_cuda.time_engine(path, target, FAST)
+    t = measure(torch_cuda.engine_step(path, target), FAST)
     assert 0 < t.median_ms < 100

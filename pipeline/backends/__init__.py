@@ -1,7 +1,7 @@
 """Latency and compile backends: one module each, heavy dependencies imported lazily.
 
-A backend measures a piece of network (a block, a stitch, a whole engine) by
-the shared method of dery.measure, builds a deployable engine file from the
+A backend prepares one timed call of a piece of network (a block, a joint of
+two blocks, a whole engine) for the shared method of dery.measure, builds a deployable engine file from the
 assembled network, loads and runs such a file, and says whether it can run
 here and, if not, why.
 """
@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..cache import damaged, read_json
 from ..errors import USAGE, DeryError
-from ..measure import Method, Timing
+from ..measure import Step
 from ..targets import Target
 
 MODULES = {
@@ -56,11 +56,11 @@ class Backend(Protocol):
     def unavailable(self, target: Target) -> str | None: ...
     def version(self) -> str: ...
     def engine_info(self) -> dict[str, str]: ...
-    def measure(self, piece: Piece, target: Target, method: Method) -> Timing: ...
+    def step(self, piece: Piece, target: Target) -> Step: ...
     def build_engine(self, model: onnx.ModelProto, module: nn.Module, input_shape: tuple[int, ...],
                      path: Path, target: Target) -> Path: ...
     def load_engine(self, path: Path, target: Target) -> Runner: ...
-    def time_engine(self, path: Path, target: Target, method: Method) -> Timing: ...
+    def engine_step(self, path: Path, target: Target) -> Step: ...
 
 
 def sidecar_path(engine: Path) -> Path:

@@ -14,8 +14,7 @@ import torch.nn as nn
 
 from ..cache import atomic_write
 from ..errors import DeryError
-from ..measure import Method, Timing
-from ..measure import measure as measure_step
+from ..measure import Step
 from ..targets import Target
 from . import Piece, check_sidecar
 
@@ -68,7 +67,7 @@ def session(model: bytes | str, target: Target, *, optimized_path: Path | None =
         raise DeryError(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0][:300]}") from e
 
 
-def _time(sess, target: Target, method: Method) -> Timing:
+def _step(sess, target: Target) -> Step:
     inp = sess.get_inputs()[0]
     shape = [target.batch if not isinstance(d, int) else d for d in inp.shape]
     shape[0] = target.batch
@@ -81,12 +80,12 @@ def _time(sess, target: Target, method: Method) -> Timing:
     def step() -> None:
         sess.run_with_iobinding(binding)
 
-    return measure_step(step, method)
+    return step
 
 
-def measure(piece: Piece, target: Target, method: Method) -> Timing:
-    """Median latency of one ONNX graph on this CPU."""
-    return _time(session(piece.onnx.SerializeToString(), target), target, method)
+def step(piece: Piece, target: Target) -> Step:
+    """One call of the piece's ONNX graph on this CPU, inputs bound once."""
+    return _step(session(piece.onnx.SerializeToString(), target), target)
 
 
 def build_engine(model: onnx.ModelProto, module: nn.Module, input_shape: tuple[int, ...], path: Path,
@@ -119,7 +118,7 @@ def load_engine(path: Path, target: Target) -> _Runner:
     return _Runner(session(str(path), target))
 
 
-def time_engine(path: Path, target: Target, method: Method) -> Timing:
-    """Median end-to-end latency of an engine file."""
+def engine_step(path: Path, target: Target) -> Step:
+    """One end-to-end call of an engine file, inputs bound once."""
     _check(path)
-    return _time(session(str(path), target), target, method)
+    return _step(session(str(path), target), target)

@@ -37,8 +37,6 @@ import torch.nn as nn
 
 from ..cache import atomic_write, atomic_write_bytes, cache_root, damaged
 from ..errors import USAGE, DeryError
-from ..measure import Method, Timing
-from ..measure import measure as measure_step
 from ..targets import Target, cuda_device_name
 from . import Piece, check_sidecar
 from .torch_cuda import EventTimer, cuda_unavailable
@@ -457,18 +455,18 @@ def load_engine(path: Path, target: Target) -> _Engine:
     return _load(path)
 
 
-def time_engine(path: Path, target: Target, method: Method) -> Timing:
-    """Median GPU time of one inference of a plan (CUDA-graph replays where capture works)."""
+def engine_step(path: Path, target: Target) -> EventTimer:
+    """One inference of a plan (a CUDA-graph replay where capture works), timed by CUDA events."""
     del target
     engine = _load(path)
-    return measure_step(EventTimer(engine.launch, engine.stream), method)
+    return EventTimer(engine.launch, engine.stream)
 
 
-def measure(piece: Piece, target: Target, method: Method) -> Timing:
-    """Build the piece's ONNX graph into an engine in memory and time it like `time_engine`."""
+def step(piece: Piece, target: Target) -> EventTimer:
+    """Build the piece's ONNX graph into an engine in memory; one inference of it, like `engine_step`."""
     plan = build_plan(piece.onnx, (target.batch, *piece.input_shape), target, what=piece.name)
     engine = _Engine(plan, f"the engine of {piece.name}")
-    return measure_step(EventTimer(engine.launch, engine.stream), method)
+    return EventTimer(engine.launch, engine.stream)
 
 
 def layer_profile(path: Path, target: Target, runs: int = 20) -> list[tuple[str, float]]:

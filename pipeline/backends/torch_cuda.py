@@ -29,8 +29,6 @@ import torch.nn as nn
 
 from ..cache import atomic_write
 from ..errors import DeryError
-from ..measure import Method, Timing
-from ..measure import measure as measure_step
 from ..targets import Target, cuda_device_name
 from . import Piece, check_sidecar
 
@@ -134,11 +132,11 @@ class EventTimer:
         return self.start.elapsed_time(self.end)
 
 
-def measure(piece: Piece, target: Target, method: Method) -> Timing:
-    """Median GPU time of the piece's module in the target's precision, as CUDA-graph replays."""
+def step(piece: Piece, target: Target) -> EventTimer:
+    """One GPU call of the piece's module in the target's precision (a CUDA-graph replay), timed by events."""
     module = in_precision(piece.module(), target.precision).to("cuda")
     x = torch.rand(target.batch, *piece.input_shape, device="cuda")
-    return measure_step(EventTimer(lambda: module(x)), method)
+    return EventTimer(lambda: module(x))
 
 
 def package(module: nn.Module, example: torch.Tensor, path: Path, device: str) -> Path:
@@ -208,9 +206,9 @@ def load_engine(path: Path, target: Target) -> _Runner:
     return _Runner(compiled, target.device)
 
 
-def time_engine(path: Path, target: Target, method: Method) -> Timing:
-    """Median GPU time of one call of the package (CUDA-graph replays where capture works)."""
+def engine_step(path: Path, target: Target) -> EventTimer:
+    """One GPU call of the package (a CUDA-graph replay where capture works), timed by events."""
     _check(path)
     compiled, shape = load_package(path)
     x = torch.rand(*shape, device=target.device)
-    return measure_step(EventTimer(lambda: compiled(x)), method)
+    return EventTimer(lambda: compiled(x))
