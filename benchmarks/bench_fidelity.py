@@ -3,9 +3,11 @@
 For each zoo (the default digits zoo, and a zoo of timm networks at 224 px with
 random weights) the real pipeline runs up to the calibrated search space; then
 50+ random assemblies that the calibration never saw are compiled into engines
-and measured end to end. The prediction is what the program uses (calibrated
-block and stitch sums); the plain block sum without correction is shown next to
-it, to show what the calibration buys.
+and measured end to end, all together (their measurement windows in turn, as
+dery measures pieces). The prediction is what the program uses (calibrated
+block and boundary sums); next to it are the in-context sum without the fit
+(blocks plus boundaries as measured in joints) and the plain block sum, to show
+what the joints and the calibration buy.
 
     python benchmarks/bench_fidelity.py [--quick] [--zoos default,timm]
 
@@ -38,7 +40,7 @@ def errors_pct(pred: np.ndarray, meas: np.ndarray) -> dict:
 def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     """The pipeline up to calibration, then `count` held-out random assemblies compiled and measured."""
     from dery.driver import CompileConfig, Search, front
-    from dery.passes.calibrate import engine_latency, group_of, random_assemblies, sums
+    from dery.passes.calibrate import engine_latencies, group_of, random_assemblies, switches
     from dery.passes.verify import identity
 
     t0 = time.perf_counter()
@@ -48,42 +50,41 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     pool = random_assemblies(s.partition, s.stitches, count + 40, seed=12345)
     held_out = [m for m in pool if identity(m, s.partition, s.stitches, s.lowered) not in seen][:count]
     program = Search(s, out).problem(1e9)
-    rows = []
     t0 = time.perf_counter()
-    for i, models in enumerate(held_out):
-        blocks, stitches, n = sums(models, s.partition, s.costs)
+    measured = engine_latencies(held_out, s.lowered, s.partition, s.stitches, s.target)
+    rows = []
+    for models, ms in zip(held_out, measured):
+        blocks, boundaries = s.costs.sums(models)
         predicted = program.evaluate([f"{m}[{j}]" for j, m in enumerate(models)])[1]["latency_ms"]
-        measured = engine_latency(models, s.lowered, s.partition, s.stitches, s.target, s.cache)
-        rows.append({"assembly": list(models), "stitches": n, "blocks_ms": blocks, "stitches_ms": stitches,
-                     "plain_sum_ms": blocks + stitches, "predicted_ms": predicted,
-                     "measured_ms": measured})
-        print(f"  [{name} {i + 1}/{len(held_out)}] predicted {rows[-1]['predicted_ms']:.4f} measured {measured:.4f}",
-              file=sys.stderr, flush=True)
-    meas = np.array([r["measured_ms"] for r in rows])
+        rows.append({"assembly": list(models), "stitches": switches(models), "blocks_ms": blocks,
+                     "boundaries_ms": boundaries, "in_context_ms": blocks + boundaries, "predicted_ms": predicted,
+                     "measured_ms": ms})
+    meas = np.array(measured)
     cal = s.calibration
     return {"zoo": name, "spec": zoo, "k": k, "assemblies": len(rows), "setup_s": setup_s,
             "measure_s": time.perf_counter() - t0,
             "members_ms": {m: r.median_ms for m, r in s.costs.networks.items()},
             "calibration": {"intercept_ms": cal.intercept_ms, "block_scale": cal.block_scale,
-                            "stitch_scale": cal.stitch_scale, "per_stitch_ms": cal.per_stitch_ms,
+                            "boundary_scale": cal.boundary_scale, "per_stitch_ms": cal.per_stitch_ms,
                             "points": cal.points, "fit_max_error": cal.max_error},
             "calibrated": errors_pct(np.array([r["predicted_ms"] for r in rows]), meas),
-            "plain_sum": errors_pct(np.array([r["plain_sum_ms"] for r in rows]), meas),
+            "in_context": errors_pct(np.array([r["in_context_ms"] for r in rows]), meas),
+            "block_sum": errors_pct(np.array([r["blocks_ms"] for r in rows]), meas),
             "rows": rows}
 
 
 def markdown(doc: dict) -> str:
     lines = ["# Latency fidelity on the cpu target (`benchmarks/bench_fidelity.py`)", "",
              f"Machine: {doc['machine']}. Command: `{doc['command']}`. Engines: ONNX Runtime "
-             f"{doc['onnxruntime']}, 1 thread, offline-optimised ONNX; each measured by dery's method "
-             "(warm-up, >= 20 runs and >= 0.25 s, median).", "",
+             f"{doc['onnxruntime']}, 1 thread, offline-optimised ONNX. Method: {doc['method']}.", "",
              "Each assembly below was compiled into an engine and measured end to end; none of them was among "
-             "the calibration points. *calibrated* is the latency the program constrains; *plain sum* adds the "
-             "separately measured block and stitch medians with no correction.", "",
+             "the calibration points. *calibrated* is the latency the program constrains; *in context* adds the "
+             "block medians and each boundary's joint less its two blocks, with no fit; *block sum* adds the "
+             "blocks timed alone and nothing else.", "",
              "| zoo | assemblies | predictor | median abs err | p95 abs err | max | within +-5% | within +-10% | "
              "mean signed |", "|---|---|---|---|---|---|---|---|---|"]
     for z in doc["zoos"]:
-        for key in ("calibrated", "plain_sum"):
+        for key in ("calibrated", "in_context", "block_sum"):
             e = z[key]
             lines.append(f"| {z['zoo']} | {z['assemblies']} | {key.replace('_', ' ')} | {e['median_abs_pct']:.2f}% | "
                          f"{e['p95_abs_pct']:.2f}% | {e['max_abs_pct']:.1f}% | {100 * e['within_5pct']:.0f}% | "
@@ -93,7 +94,7 @@ def markdown(doc: dict) -> str:
     for z in doc["zoos"]:
         c = z["calibration"]
         lines.append(f"- {z['zoo']}: engine = {c['intercept_ms']:+.4f} ms + {c['block_scale']:.3f} x blocks + "
-                     f"{c['stitch_scale']:.3f} x stitches {c['per_stitch_ms']:+.4f} ms per stitch "
+                     f"{c['boundary_scale']:.3f} x boundaries {c['per_stitch_ms']:+.4f} ms per stitch "
                      f"({c['points']} points, worst in-sample error {100 * c['fit_max_error']:.1f}%); members "
                      + ", ".join(f"{m} {v:.3f} ms" for m, v in z["members_ms"].items()))
     lines += ["", "nn-Meter's headline for comparison: 99.0% of models within +-10% on a mobile CPU "
@@ -111,6 +112,7 @@ def main() -> None:
     os.environ.setdefault("DERY_QUIET", "1")
     import onnxruntime
     import torch
+    from dery.measure import Method
 
     torch.set_num_threads(2)
     count = 10 if args.quick else args.count
@@ -119,7 +121,8 @@ def main() -> None:
     info = common.machine("torch")
     doc = {"machine": f"{info['cpu']}, {info['cores_usable']} usable cores, Python {info['python']}, torch "
                       f"{info['torch']}, load average {info['load_avg_start'][0]:.1f} at the end",
-           "onnxruntime": onnxruntime.__version__, "command": " ".join(["python", *sys.argv]), "zoos": zoos}
+           "onnxruntime": onnxruntime.__version__, "method": Method().describe(),
+           "command": " ".join(["python", *sys.argv]), "zoos": zoos}
     RESULTS.mkdir(exist_ok=True)
     suffix = "-quick" if args.quick else ""
     (RESULTS / f"fidelity{suffix}.json").write_text(json.dumps(doc, indent=1))

@@ -1,33 +1,34 @@
-"""calibrate: fit the correction from block sums to whole-engine latency on this target.
+"""calibrate: fit the correction from in-context sums to whole-engine latency on this target.
 
-A compiled engine is not the sum of its blocks timed one by one: the engine is
-one call instead of one per block, its optimiser fuses across boundaries, and a
-stitch costs more (or less) inside the engine than alone. This pass measures a
-few whole engines - every zoo member (no stitch) and a handful of seeded random
-assemblies (with stitches) - records each next to the sums the program would
-predict it from, and fits `Calibration` to this zoo's points for the target,
-device and backend version. Points are stored with the profile, so they are
-never measured twice; other zoos' points serve only a device that is not here.
+The profile times every block and every boundary in context (a joint of two
+blocks and their stitch), so block sums plus boundary sums already hold one
+call overhead and what fusion saves at each boundary. What is left - a whole
+engine's cache pressure, what a stitch costs beyond its joint - is measured
+here: every zoo member (no stitch) and a handful of seeded random assemblies
+(with stitches) are compiled into engines and timed end to end, each point is
+recorded next to the sums the program would predict it from, and
+`Calibration` is fitted to this zoo's points for the target, device and
+backend version. Points are stored with the profile, so they are never
+measured twice; other zoos' points serve only a device that is not here.
 """
 from __future__ import annotations
 
 import datetime
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dery import progress
 from dery.backends import availability, get_backend
-from dery.cache import Cache
 from dery.ir import Partition
-from dery.measure import Method
+from dery.measure import Method, measure_all
 from dery.passes.assemble import assemble
 from dery.passes.compile import compile_engine
 from dery.passes.lower import Lowered
 from dery.passes.profile import Costs
 from dery.passes.stitch import Stitches
-from dery.passes.verify import identity, measure_engine
+from dery.passes.verify import identity
 from dery.profile_store import Calibration, CalibrationPoint, ProfileStore
 from dery.targets import Target
 
@@ -38,13 +39,6 @@ def group_of(target: Target, device: str) -> Group:
     """The calibration group of a target on a device: (target, device, backend, version, precision, batch)."""
     backend = get_backend(target.backend)
     return (target.name, device, backend.NAME, backend.version(), target.precision, target.batch)
-
-
-def sums(models: Sequence[str], partition: Partition, costs: Costs) -> tuple[float, float, int]:
-    """(sum of block medians, sum of stitch medians, number of stitches) of an assembly."""
-    blocks = sum(costs.blocks[m, k].median_ms for k, m in enumerate(models))
-    switches = [(a, b, j) for j, (a, b) in enumerate(zip(models, models[1:])) if a != b]
-    return blocks, sum(costs.stitches[s].median_ms for s in switches), len(switches)
 
 
 def random_assemblies(partition: Partition, stitches: Stitches, n: int, seed: int,
@@ -67,18 +61,24 @@ def random_assemblies(partition: Partition, stitches: Stitches, n: int, seed: in
     return out
 
 
-def engine_latency(models: tuple[str, ...], zoo: Sequence[Lowered], partition: Partition, stitches: Stitches,
-                   target: Target, cache: Cache, method: Method = Method()) -> float:
-    """Compile an assembly into an engine in a scratch directory and measure it end to end (cached)."""
-    _, module = assemble(zoo, partition, stitches, models)
+def engine_latencies(assemblies: Sequence[tuple[str, ...]], zoo: Sequence[Lowered], partition: Partition,
+                     stitches: Stitches, target: Target, method: Method = Method(),
+                     advance: Callable[..., None] = lambda n=1, note=None: None) -> list[float]:
+    """Compile assemblies into engines in a scratch directory and measure them end to end, together (their
+    windows in turn, as pieces are measured)."""
+    backend = get_backend(target.backend)
     with tempfile.TemporaryDirectory(prefix="dery-cal-") as tmp:
-        engine = compile_engine(module, zoo[0].network.input_shape, target, Path(tmp))
-        return measure_engine(engine.path, identity(models, partition, stitches, zoo), target, cache,
-                              method).median_ms
+        steps = []
+        for i, models in enumerate(assemblies):
+            _, module = assemble(zoo, partition, stitches, models)
+            engine = compile_engine(module, zoo[0].network.input_shape, target, Path(tmp), name=f"assembly{i}")
+            steps.append(backend.engine_step(engine.path, target))
+            advance()
+        return [t.median_ms for t in measure_all(steps, method)]
 
 
 def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, costs: Costs, target: Target,
-              store: ProfileStore, cache: Cache, *, assemblies: int = 12, seed: int = 0) -> Calibration:
+              store: ProfileStore, *, assemblies: int = 12, seed: int = 0) -> Calibration:
     """The calibrate pass: add this zoo's points when the target is here, then fit them (a zoo of networks
     ten times larger or smaller caches and fuses differently; other zoos' points are not mixed in).
 
@@ -95,15 +95,19 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
     ids = {m: identity(m, partition, stitches, zoo) for m in [*members, *mixed]}
 
     def point(models: tuple[str, ...], measured: float) -> CalibrationPoint:
-        b, s, n = sums(models, partition, costs)
-        return CalibrationPoint(*group, ids[models], b, s, n, measured, when)
+        blocks, boundaries = costs.sums(models)
+        return CalibrationPoint(*group, ids[models], blocks, boundaries, switches(models), measured, when)
 
     for models in members:
         if ids[models] not in known:
             store.add_point(point(models, costs.networks[models[0]].median_ms))
     todo = [m for m in mixed if ids[m] not in known]
     with progress.task("calibrating", len(todo)) as advance:
-        for models in todo:
-            store.add_point(point(models, engine_latency(models, zoo, partition, stitches, target, cache)))
-            advance()
+        for models, ms in zip(todo, engine_latencies(todo, zoo, partition, stitches, target, advance=advance)):
+            store.add_point(point(models, ms))
     return store.calibration(group, set(ids.values()))
+
+
+def switches(models: Sequence[str]) -> int:
+    """How many stitches an assembly has."""
+    return sum(a != b for a, b in zip(models, models[1:]))

@@ -1,7 +1,13 @@
-"""profile: the latency of every block, stitch and whole zoo member on the target.
+"""profile: the latency of every block, joint and whole zoo member on the target.
 
-Blocks are cut out of each network's ONNX export, stitches out of one export of
-all stitches, whole networks are their ONNX with the extra outputs dropped.
+Blocks are cut out of each network's ONNX export and whole networks are their
+ONNX with the extra outputs dropped. An engine is not the sum of its blocks
+timed alone: it is one call instead of one per block, and the runtime fuses
+and keeps its memory layout across a boundary. So every boundary an assembly
+can have is timed in context, as a joint: block a of set j, the stitch from a
+to b (none when a == b) and block b of set j + 1 chained into one graph. What a
+boundary adds to an engine is its joint less its two blocks (`Costs.boundary_ms`,
+often negative); an assembly's latency is its blocks plus its boundaries.
 Each piece has a fingerprint (what decides its latency), so the profile store
 answers for pieces measured before, by this run or on another machine; only
 what is missing is measured, and each new record is saved at once.
@@ -24,8 +30,8 @@ from dery.backends import Backend, Piece, availability, get_backend
 from dery.cache import Cache, content_key
 from dery.errors import DeryError
 from dery.ir import LatencyRecord, Partition
-from dery.measure import Method
-from dery.onnx_graph import INPUT, OUTPUT, cut_tensor, export, extract
+from dery.measure import Method, measure_all
+from dery.onnx_graph import INPUT, OUTPUT, chain, cut_tensor, export, extract
 from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
 from dery.profile_store import ProfileStore
@@ -34,14 +40,23 @@ from dery.targets import Target
 
 @dataclass(frozen=True, eq=False)
 class Costs:
-    """Latency records for the search space: blocks by (model, set), stitches by (source, target, boundary),
+    """Latency records for the search space: blocks by (model, set), joints by (source, target, boundary),
     whole zoo members by name."""
 
     blocks: dict[tuple[str, int], LatencyRecord] = field(repr=False)
-    stitches: dict[tuple[str, str, int], LatencyRecord] = field(repr=False)
+    joints: dict[tuple[str, str, int], LatencyRecord] = field(repr=False)
     networks: dict[str, LatencyRecord] = field(repr=False)
     measured: int
     reused: int
+
+    def boundary_ms(self, a: str, b: str, j: int) -> float:
+        """What boundary j from model a to model b adds to an engine: its joint less its two blocks."""
+        return self.joints[a, b, j].median_ms - self.blocks[a, j].median_ms - self.blocks[b, j + 1].median_ms
+
+    def sums(self, models: Sequence[str]) -> tuple[float, float]:
+        """(sum of block medians, sum of boundaries) of an assembly; their total is its in-context latency."""
+        return (sum(self.blocks[m, k].median_ms for k, m in enumerate(models)),
+                sum(self.boundary_ms(a, b, j) for j, (a, b) in enumerate(zip(models, models[1:]))))
 
 
 def network_onnx(lowered: Lowered, cuts: Sequence[str], batch: int, cache: Cache) -> onnx.ModelProto:
@@ -90,7 +105,8 @@ def stitches_onnx(stitches: Stitches, batch: int, cache: Cache) -> onnx.ModelPro
 
 def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, batch: int,
            cache: Cache) -> dict[tuple, Piece]:
-    """Every piece of the search space: ("block", model, k), ("stitch", a, b, j), ("network", model)."""
+    """Every piece of the search space: ("block", model, k), ("joint", a, b, j) for every boundary an assembly
+    can have, ("network", model)."""
     out: dict[tuple, Piece] = {}
     for lw in zoo:
         cuts = partition.boundaries[partition.models.index(lw.name)]
@@ -103,13 +119,30 @@ def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, bat
                                              lambda lw=lw, b=block: lw.segment(b.first, b.last))
         out["network", lw.name] = Piece(lw.name, lw.fingerprint(None, None), lw.network.input_shape,
                                         extract(model, INPUT, OUTPUT), lambda lw=lw: lw.network.module)
-    if stitches.modules:
-        bundle = stitches_onnx(stitches, batch, cache)
-        for (a, b, j), mod in sorted(stitches.modules.items()):
-            n = _stitch_name(a, b, j)
-            out["stitch", a, b, j] = Piece(f"stitch {n}", stitches.get(a, b, j).fingerprint, mod.src.shape[1:],
-                                           extract(bundle, f"in:{n}", f"out:{n}"), lambda mod=mod: mod)
+    bundle = stitches_onnx(stitches, batch, cache) if stitches.modules else None
+    for j in range(partition.k - 1):
+        for a in partition.models:
+            for b in partition.models:
+                if a != b and stitches.get(a, b, j) is None:
+                    continue
+                out["joint", a, b, j] = joint_piece(out["block", a, j], out["block", b, j + 1], a, b, j,
+                                                    stitches, bundle)
     return out
+
+
+def joint_piece(left: Piece, right: Piece, a: str, b: str, j: int, stitches: Stitches,
+                bundle: onnx.ModelProto | None) -> Piece:
+    """Block a of set j, the stitch a -> b (none when a == b) and block b of set j + 1 as one graph."""
+    if a == b:
+        return Piece(f"{a}[{j}..{j + 1}]", content_key("joint", left.fingerprint, right.fingerprint),
+                     left.input_shape, chain([left.onnx, right.onnx]),
+                     lambda: nn.Sequential(left.module(), right.module()))
+    n = _stitch_name(a, b, j)
+    stitch = stitches.get(a, b, j)
+    return Piece(f"{a}[{j}]>{b}[{j + 1}]", content_key("joint", left.fingerprint, stitch.fingerprint,
+                                                         right.fingerprint),
+                 left.input_shape, chain([left.onnx, extract(bundle, f"in:{n}", f"out:{n}"), right.onnx]),
+                 lambda: nn.Sequential(left.module(), stitches.modules[a, b, j], right.module()))
 
 
 def segment_pieces(zoo: Sequence[Lowered], batch: int, cache: Cache) -> dict[tuple, Piece]:
@@ -144,13 +177,15 @@ def probe_record(piece: Piece, target: Target, device: str, backend: Backend) ->
                          target.batch, (target.batch, *piece.input_shape), 0.0, 0.0, 0.0, 0.0, 0, "", "")
 
 
-def measure_piece(piece: Piece, target: Target, device: str, backend: Backend, method: Method) -> LatencyRecord:
-    """Measure one piece now and return its record."""
-    t = backend.measure(piece, target, method)
+def measure_pieces(items: Sequence[Piece], target: Target, device: str, backend: Backend,
+                   method: Method) -> list[LatencyRecord]:
+    """Measure pieces together now (their windows in turn, see dery.measure) and return their records."""
+    timings = measure_all([backend.step(p, target) for p in items], method)
     when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    return LatencyRecord(piece.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
-                         target.batch, (target.batch, *piece.input_shape), t.median_ms, t.p90_ms, t.min_ms, t.cv,
-                         t.runs, when, method.describe() + ("; noisy" if t.noisy else ""))
+    return [LatencyRecord(p.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
+                          target.batch, (target.batch, *p.input_shape), t.median_ms, t.p90_ms, t.min_ms, t.cv,
+                          t.runs, when, method.describe() + ("; noisy" if t.noisy else ""))
+            for p, t in zip(items, timings)]
 
 
 def missing_error(target: Target, names: Sequence[str], why: str) -> DeryError:
@@ -159,6 +194,9 @@ def missing_error(target: Target, names: Sequence[str], why: str) -> DeryError:
     return DeryError(f"no latency records for {len(names)} pieces on target {target.name} ({listing}) and {why}; "
                      f"run `dery profile --target {target.name}` with the same --zoo on a machine with the "
                      f"target's device and merge its table (`dery profile --merge`), or pass --allow-estimates")
+
+
+CHUNK = 32  # pieces measured together: their windows spread over time; saved (and resumed) per chunk
 
 
 def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStore, *, method: Method,
@@ -182,22 +220,23 @@ def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStor
         found.update(on_missing({k: items[k] for k in todo}))
         return found, 0
     with progress.task(f"profiling on {target.name}", len(todo)) as advance:
-        for key in todo:
-            rec = measure_piece(items[key], target, device, backend, method)
-            store.add(rec)
-            found[key] = rec
-            advance(note=items[key].name)
+        for start in range(0, len(todo), CHUNK):
+            keys = todo[start:start + CHUNK]
+            records = measure_pieces([items[k] for k in keys], target, device, backend, method)
+            store.add_all(records)
+            found.update(zip(keys, records))
+            advance(len(keys), note=items[keys[-1]].name)
     return found, len(todo)
 
 
 def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, target: Target,
             store: ProfileStore, cache: Cache, *, method: Method = Method(),
             on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None) -> Costs:
-    """The profile pass: a latency record for every block, stitch and zoo member."""
+    """The profile pass: a latency record for every block, joint and zoo member."""
     items = pieces(zoo, partition, stitches, target.batch, cache)
     found, measured = ensure_records(items, target, store, method=method, on_missing=on_missing)
     return Costs({(k[1], k[2]): r for k, r in found.items() if k[0] == "block"},
-                 {(k[1], k[2], k[3]): r for k, r in found.items() if k[0] == "stitch"},
+                 {(k[1], k[2], k[3]): r for k, r in found.items() if k[0] == "joint"},
                  {k[1]: r for k, r in found.items() if k[0] == "network"},
                  measured, len(found) - measured)
 

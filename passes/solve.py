@@ -860,10 +860,11 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
                    batch: int = 1) -> Problem:
     """The reassembly search space as a dery.problem/1 instance.
 
-    Candidate `m[k]` is model m's block in set k; transition `a[j] -> b[j+1]` is free when
-    a == b and is the fitted stitch otherwise. Latencies are the measured medians put through
-    the target's additivity calibration (engine = intercept + scaled block and stitch sums +
-    a per-stitch term), which is linear, so the program stays exact. Peak activation memory
+    Candidate `m[k]` is model m's block in set k; transition `a[j] -> b[j+1]` is the boundary
+    between them (through the fitted stitch when a != b). A candidate's latency is its block
+    median, a transition's is what its boundary adds in context (`Costs.boundary_ms`), both
+    put through the target's additivity calibration, which is linear, so the program stays
+    exact. Peak activation memory
     is a maximum over the pieces, not a sum, so `memory_mb` removes the pieces above it
     instead of adding a row.
     """
@@ -887,15 +888,15 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
                             f"{least:.3g} MB of activations at batch {batch}")
         candidates.extend(fits)
     kept = {c.id for c in candidates}
-    transitions = []
+    joins = []
     for j in range(partition.k - 1):
         for a in partition.models:
             for b in partition.models:
                 if f"{a}[{j}]" not in kept or f"{b}[{j + 1}]" not in kept:
                     continue
+                estimated = {"estimated": True} if costs.joints[a, b, j].estimated else {}
                 if a == b:
-                    transitions.append(Transition(f"{a}[{j}]", f"{a}[{j + 1}]", 0.0,
-                                                  {"latency_ms": 0.0, "params": 0.0, "flops": 0.0}))
+                    joins.append((a, b, j, 0.0, {"params": 0.0, "flops": 0.0}, estimated))
                     continue
                 st = stitches.get(a, b, j)
                 if st is None:
@@ -903,14 +904,16 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
                 act = activation_mb(stitch_activation_bytes(stitches, a, b, j), batch)
                 if memory_mb is not None and act > memory_mb:
                     continue
-                rec = costs.stitches[a, b, j]
-                transitions.append(Transition(
-                    f"{a}[{j}]", f"{b}[{j + 1}]", quality.pairwise[a, b, j],
-                    {"latency_ms": cal.stitch_ms(rec.median_ms), "params": float(st.params),
-                     "flops": float(st.flops)},
-                    {"kind": st.kind, "r2": round(st.r2, 6), "activation_mb": round(act, 6),
-                     **({"estimated": True} if rec.estimated else {})}))
-    fixed = {"latency_ms": cal.intercept_ms, "params": 0.0, "flops": 0.0}
+                joins.append((a, b, j, quality.pairwise[a, b, j],
+                              {"params": float(st.params), "flops": float(st.flops)},
+                              {"kind": st.kind, "r2": round(st.r2, 6), "activation_mb": round(act, 6), **estimated}))
+    latency = {(a, b, j): cal.boundary_ms(costs.boundary_ms(a, b, j), a != b) for a, b, j, *_ in joins}
+    # Every assembly crosses exactly K-1 boundaries, so lifting each by the largest saving and lowering the
+    # fixed latency by K-1 times it keeps every total exact and every figure non-negative, as the format needs.
+    lift = max(0.0, -min(latency.values(), default=0.0))
+    transitions = [Transition(f"{a}[{j}]", f"{b}[{j + 1}]", score, {"latency_ms": latency[a, b, j] + lift, **res},
+                              extra) for a, b, j, score, res, extra in joins]
+    fixed = {"latency_ms": cal.intercept_ms - (partition.k - 1) * lift, "params": 0.0, "flops": 0.0}
     return Problem(partition.k, tuple(candidates), tuple(transitions), fixed, dict(limits))
 
 

@@ -15,7 +15,7 @@ from dery.backends import get_backend, sidecar_path
 from dery.cache import Cache, content_key, damaged, read_json
 from dery.errors import USAGE, DeryError
 from dery.ir import Partition
-from dery.measure import Method, Timing
+from dery.measure import Method, Timing, measure
 from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
 from dery.targets import Target, get_target, local_device_name
@@ -34,7 +34,7 @@ def measure_engine(path: Path, identity: str, target: Target, cache: Cache, meth
     backend = get_backend(target.backend)
     key = content_key("verify", identity, target.name, local_device_name(target), backend.NAME, backend.version(),
                       target.precision, target.batch, target.threads, method)
-    raw = cache.json("verify", key, lambda: backend.time_engine(path, target, method).__dict__,
+    raw = cache.json("verify", key, lambda: measure(backend.engine_step(path, target), method).__dict__,
                      what="engine measurement")
     return Timing(**raw)
 
@@ -79,7 +79,7 @@ def bench(path: Path, method: Method = Method()) -> dict:
     runner = backend.load_engine(path, target)
     got = np.stack([runner(x.numpy()) for x in check_inputs(shape, len(reference))])
     err, tol, ok = output_error(got, reference, side["precision"])
-    timing = backend.time_engine(path, target, method)
+    timing = measure(backend.engine_step(path, target), method)
     return {"engine": str(path), "backend": backend.NAME, "backend_version": backend.version(),
             "target": target.name, "precision": side["precision"], "input_shape": list(shape),
             "median_ms": timing.median_ms, "p90_ms": timing.p90_ms, "min_ms": timing.min_ms, "cv": timing.cv,

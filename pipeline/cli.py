@@ -188,7 +188,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     cal = s.calibration
     print(f"{s.target.name}: measured {s.costs.measured} pieces, reused {s.costs.reused} from {s.store.path}; "
           f"calibration from {cal.points} engines: engine = {cal.intercept_ms:+.4f} ms + {cal.block_scale:.3f} x "
-          f"blocks + {cal.stitch_scale:.3f} x stitches {cal.per_stitch_ms:+.4f} ms per stitch")
+          f"blocks + {cal.boundary_scale:.3f} x boundaries {cal.per_stitch_ms:+.4f} ms per stitch")
     return 0
 
 

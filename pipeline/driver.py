@@ -173,7 +173,7 @@ def front(cfg: CompileConfig) -> Session:
     with stage("profile", timings):
         costs = profile(lowered, part, stitches, target, store, cache, method=Method(), on_missing=on_missing)
     with stage("calibrate", timings):
-        cal = calibrate(lowered, part, stitches, costs, target, store, cache, seed=cfg.seed)
+        cal = calibrate(lowered, part, stitches, costs, target, store, seed=cfg.seed)
     with stage("proxy", timings):
         qual = quality(lowered, part, stitches, data, cache, cfg.predictor)
     return Session(cfg, target, device, cache, data, zoo, lowered, part, stitches, costs, cal, qual, store, timings)

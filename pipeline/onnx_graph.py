@@ -80,3 +80,21 @@ def extract(model: onnx.ModelProto, first: str, last: str, *, input_name: str = 
     if missing:
         raise DeryError(f"internal: segment {first} -> {last} needs more inputs than its first cut: {sorted(missing)}")
     return sub
+
+
+def chain(models: Sequence[onnx.ModelProto], *, input_name: str = INPUT,
+          output_name: str = OUTPUT) -> onnx.ModelProto:
+    """Models of one input and one output each, joined output to input into one model (`input_name` in,
+    `output_name` out), so that a runtime optimises across the joins as it does in a whole engine."""
+    joined = onnx.compose.add_prefix(models[0], "p0/")
+    for i, model in enumerate(models[1:], start=1):
+        following = onnx.compose.add_prefix(model, f"p{i}/")
+        joined = onnx.compose.merge_models(joined, following,
+                                           io_map=[(joined.graph.output[0].name, following.graph.input[0].name)])
+    graph = gs.import_onnx(joined)
+    graph.inputs[0].name, graph.outputs[0].name = input_name, output_name
+    out = gs.export_onnx(graph.cleanup().toposort())
+    out.ir_version = models[0].ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(models[0].opset_import)
+    return out

@@ -25,7 +25,8 @@ from .errors import USAGE, DeryError
 from .ir import LatencyRecord, from_json, to_json
 from .targets import Target
 
-SCHEMA = "dery.profile/1"
+SCHEMA = "dery.profile/2"
+OLDER = {"dery.profile/1": "pieces timed in one window each, stitches alone"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class CalibrationPoint:
     batch: int
     assembly: str
     blocks_ms: float
-    stitches_ms: float
+    boundaries_ms: float
     stitches: int
     measured_ms: float
     when: str
@@ -57,29 +58,30 @@ class CalibrationPoint:
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """engine ~= intercept + block_scale * sum(blocks) + stitch_scale * sum(stitches) + per_stitch * #stitches.
+    """engine ~= intercept + block_scale * sum(blocks) + boundary_scale * sum(boundaries) + per_stitch * #stitches.
 
-    Block sums miss what the whole engine shares (one call instead of one per
-    block, fusion across boundaries) and what each stitch adds beyond its own
-    graph; the four terms are fitted to relative error, shrunk towards the
-    plain sum (0, 1, 1, 0) so that a handful of points cannot run away.
+    A boundary is what it adds in context (`Costs.boundary_ms`: its joint less
+    its two blocks), so the plain sum already holds one call overhead and the
+    fusion at every boundary; the four terms take up what is left (a whole
+    engine's cache pressure, what a stitch costs beyond its joint), fitted to
+    relative error and shrunk towards the plain sum (0, 1, 1, 0) so that a
+    handful of points cannot run away.
     """
 
     intercept_ms: float = 0.0
     block_scale: float = 1.0
-    stitch_scale: float = 1.0
+    boundary_scale: float = 1.0
     per_stitch_ms: float = 0.0
     points: int = 0
     max_error: float = 0.0
 
-    def stitch_ms(self, measured_ms: float) -> float:
-        """What one stitch adds to an engine: its share of the fit, never below zero (a stitch costs something;
-        the program's format takes no negative latency)."""
-        return max(0.0, self.stitch_scale * measured_ms + self.per_stitch_ms)
+    def boundary_ms(self, measured_ms: float, stitched: bool) -> float:
+        """What one boundary adds to an engine under the fit (it can be negative: fusion saves time)."""
+        return self.boundary_scale * measured_ms + (self.per_stitch_ms if stitched else 0.0)
 
-    def predict(self, blocks_ms: float, stitches_ms: float, stitches: int) -> float:
-        """The fitted linear model itself (the program sums `stitch_ms` per stitch instead)."""
-        return (self.intercept_ms + self.block_scale * blocks_ms + self.stitch_scale * stitches_ms
+    def predict(self, blocks_ms: float, boundaries_ms: float, stitches: int) -> float:
+        """The fitted linear model itself (the program sums `boundary_ms` per boundary instead)."""
+        return (self.intercept_ms + self.block_scale * blocks_ms + self.boundary_scale * boundaries_ms
                 + self.per_stitch_ms * stitches)
 
 
@@ -88,7 +90,7 @@ def fit_calibration(points: Sequence[CalibrationPoint], shrink: float = 1e-3) ->
     if len(points) < 2:
         return Calibration(points=len(points))
     y = np.array([p.measured_ms for p in points])
-    f = np.array([[1.0, p.blocks_ms, p.stitches_ms, float(p.stitches)] for p in points])
+    f = np.array([[1.0, p.blocks_ms, p.boundaries_ms, float(p.stitches)] for p in points])
     scale = float(np.median(y))
     prior = np.array([0.0, 1.0, 1.0, 0.0])
     unit = np.array([1 / scale, 1.0, 1.0, 1 / scale])  # intercept and per-stitch terms in relative units
@@ -101,6 +103,9 @@ def fit_calibration(points: Sequence[CalibrationPoint], shrink: float = 1e-3) ->
 
 def _parse(path: Path) -> tuple[list[LatencyRecord], list[CalibrationPoint]]:
     raw = read_json(path, "profile")
+    if isinstance(raw, dict) and raw.get("schema") in OLDER:
+        raise DeryError(f"profile file {path} is from an older dery ({raw['schema']}: {OLDER[raw['schema']]}); its "
+                        f"latencies do not mix with {SCHEMA}'s; move it away to re-measure")
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         found = raw.get("schema") if isinstance(raw, dict) else type(raw).__name__
         raise DeryError(f"damaged profile file {path}: schema is {found!r}, expected {SCHEMA!r}; move it away or "
@@ -165,10 +170,11 @@ class ProfileStore:
                 and r.precision == target.precision and r.batch == target.batch and target.matches(r.device)]
         return max(hits, key=lambda r: (r.when, r.key)) if hits else None
 
-    def add(self, record: LatencyRecord) -> None:
-        """Store a record and write the user's file at once."""
-        self.records[record.key] = record
-        self._own[record.key] = record
+    def add_all(self, records: Iterable[LatencyRecord]) -> None:
+        """Store records and write the user's file at once."""
+        for record in records:
+            self.records[record.key] = record
+            self._own[record.key] = record
         self._save()
 
     def add_point(self, point: CalibrationPoint) -> None:
