@@ -98,13 +98,10 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
         blocks, boundaries = costs.sums(models)
         return CalibrationPoint(*group, ids[models], blocks, boundaries, switches(models), measured, when)
 
-    for models in members:
-        if ids[models] not in known:
-            store.add_point(point(models, costs.networks[models[0]].median_ms))
+    store.add_points(point(m, costs.networks[m[0]].median_ms) for m in members if ids[m] not in known)
     todo = [m for m in mixed if ids[m] not in known]
     with progress.task("calibrating", len(todo)) as advance:
-        for models, ms in zip(todo, engine_latencies(todo, zoo, partition, stitches, target, advance=advance)):
-            store.add_point(point(models, ms))
+        store.add_points(map(point, todo, engine_latencies(todo, zoo, partition, stitches, target, advance=advance)))
     return store.calibration(group, set(ids.values()))
 
 

@@ -10,7 +10,8 @@ boundary adds to an engine is its joint less its two blocks (`Costs.boundary_ms`
 often negative); an assembly's latency is its blocks plus its boundaries.
 Each piece has a fingerprint (what decides its latency), so the profile store
 answers for pieces measured before, by this run or on another machine; only
-what is missing is measured, and each new record is saved at once.
+what is missing is measured, and each group of new records is saved as soon
+as it is measured (`CHUNK`); ONNX graphs are built only for what is measured.
 
 When the target's device is not here, stored records are used; anything
 missing is an error that lists the pieces and the command that measures them
@@ -19,6 +20,7 @@ on the right device.
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -110,16 +112,16 @@ def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, bat
     out: dict[tuple, Piece] = {}
     for lw in zoo:
         cuts = partition.boundaries[partition.models.index(lw.name)]
-        model = network_onnx(lw, cuts, batch, cache)
+        model = functools.cache(lambda lw=lw, cuts=cuts: network_onnx(lw, cuts, batch, cache))
         names = [INPUT, *map(cut_tensor, cuts), OUTPUT]
         for k, block in enumerate(partition.blocks[partition.models.index(lw.name)]):
             shape = lw.network.input_shape if block.first is None else lw.cut(block.first).shape[1:]
             out["block", lw.name, k] = Piece(f"{lw.name}[{k}]", block.fingerprint, tuple(shape),
-                                             extract(model, names[k], names[k + 1]),
+                                             lambda m=model, a=names[k], b=names[k + 1]: extract(m(), a, b),
                                              lambda lw=lw, b=block: lw.segment(b.first, b.last))
         out["network", lw.name] = Piece(lw.name, lw.fingerprint(None, None), lw.network.input_shape,
-                                        extract(model, INPUT, OUTPUT), lambda lw=lw: lw.network.module)
-    bundle = stitches_onnx(stitches, batch, cache) if stitches.modules else None
+                                        lambda m=model: extract(m(), INPUT, OUTPUT), lambda lw=lw: lw.network.module)
+    bundle = functools.cache(lambda: stitches_onnx(stitches, batch, cache))
     for j in range(partition.k - 1):
         for a in partition.models:
             for b in partition.models:
@@ -131,17 +133,16 @@ def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, bat
 
 
 def joint_piece(left: Piece, right: Piece, a: str, b: str, j: int, stitches: Stitches,
-                bundle: onnx.ModelProto | None) -> Piece:
+                bundle: Callable[[], onnx.ModelProto]) -> Piece:
     """Block a of set j, the stitch a -> b (none when a == b) and block b of set j + 1 as one graph."""
     if a == b:
         return Piece(f"{a}[{j}..{j + 1}]", content_key("joint", left.fingerprint, right.fingerprint),
-                     left.input_shape, chain([left.onnx, right.onnx]),
+                     left.input_shape, lambda: chain([left.onnx, right.onnx]),
                      lambda: nn.Sequential(left.module(), right.module()))
     n = _stitch_name(a, b, j)
-    stitch = stitches.get(a, b, j)
-    return Piece(f"{a}[{j}]>{b}[{j + 1}]", content_key("joint", left.fingerprint, stitch.fingerprint,
+    return Piece(f"{a}[{j}]>{b}[{j + 1}]", content_key("joint", left.fingerprint, stitches.get(a, b, j).fingerprint,
                                                          right.fingerprint),
-                 left.input_shape, chain([left.onnx, extract(bundle, f"in:{n}", f"out:{n}"), right.onnx]),
+                 left.input_shape, lambda: chain([left.onnx, extract(bundle(), f"in:{n}", f"out:{n}"), right.onnx]),
                  lambda: nn.Sequential(left.module(), stitches.modules[a, b, j], right.module()))
 
 
@@ -150,14 +151,15 @@ def segment_pieces(zoo: Sequence[Lowered], batch: int, cache: Cache) -> dict[tup
     out: dict[tuple, Piece] = {}
     for lw in zoo:
         cuts = [c.name for c in lw.boundary_cuts()]
-        model = network_onnx(lw, cuts, batch, cache)
+        model = functools.cache(lambda lw=lw, cuts=cuts: network_onnx(lw, cuts, batch, cache))
         names = [INPUT, *map(cut_tensor, cuts), OUTPUT]
         bounds: list[str | None] = [None, *cuts, None]
         for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
             shape = lw.network.input_shape if a is None else lw.cut(a).shape[1:]
-            out["segment", lw.name, a, b] = Piece(f"{lw.name}[{a or 'input'}..{b or 'logits'}]", lw.fingerprint(a, b),
-                                                  tuple(shape), extract(model, names[i], names[i + 1]),
-                                                  lambda lw=lw, a=a, b=b: lw.segment(a, b))
+            out["segment", lw.name, a, b] = Piece(
+                f"{lw.name}[{a or 'input'}..{b or 'logits'}]", lw.fingerprint(a, b), tuple(shape),
+                lambda m=model, x=names[i], y=names[i + 1]: extract(m(), x, y),
+                lambda lw=lw, a=a, b=b: lw.segment(a, b))
     return out
 
 

@@ -864,9 +864,8 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
     between them (through the fitted stitch when a != b). A candidate's latency is its block
     median, a transition's is what its boundary adds in context (`Costs.boundary_ms`), both
     put through the target's additivity calibration, which is linear, so the program stays
-    exact. Peak activation memory
-    is a maximum over the pieces, not a sum, so `memory_mb` removes the pieces above it
-    instead of adding a row.
+    exact. Peak activation memory is a maximum over the pieces, not a sum, so `memory_mb`
+    removes the pieces above it instead of adding a row.
     """
     cal = calibration
     candidates = []

@@ -172,16 +172,19 @@ class ProfileStore:
 
     def add_all(self, records: Iterable[LatencyRecord]) -> None:
         """Store records and write the user's file at once."""
-        for record in records:
-            self.records[record.key] = record
-            self._own[record.key] = record
-        self._save()
+        self._add(self.records, self._own, records)
 
-    def add_point(self, point: CalibrationPoint) -> None:
-        """Store a calibration point and write the user's file at once."""
-        self.points[point.key] = point
-        self._own_points[point.key] = point
-        self._save()
+    def add_points(self, points: Iterable[CalibrationPoint]) -> None:
+        """Store calibration points and write the user's file at once."""
+        self._add(self.points, self._own_points, points)
+
+    def _add(self, table: dict[str, Any], own: dict[str, Any], items: Iterable[Any]) -> None:
+        added = False
+        for item in items:
+            table[item.key] = own[item.key] = item
+            added = True
+        if added:
+            self._save()
 
     def calibration_points(self, group: tuple[str, str, str, str, str, int]) -> list[CalibrationPoint]:
         """Points measured with one (target, device, backend, version, precision, batch), in key order."""

@@ -41,7 +41,7 @@ def build_report(s: Session, final: Result, rounds: list[dict], status: str, par
     params = sum(b.params for b in a.blocks) + sum(st.params for st in stitches)
     flops = sum(b.flops for b in a.blocks) + sum(st.flops for st in stitches)
     estimated = any(s.costs.blocks[m, k].estimated for k, m in enumerate(final.models)) or any(
-        s.costs.joints[a, b, j].estimated for j, (a, b) in enumerate(zip(final.models, final.models[1:])))
+        s.costs.joints[left, right, j].estimated for j, (left, right) in enumerate(zip(final.models, final.models[1:])))
     return {
         "schema": SCHEMA,
         "dery_version": dery.__version__,

@@ -369,7 +369,7 @@ def test_tensorrt_refuses_an_engine_built_elsewhere(plan) -> None:
 @pytest.mark.tensorrt
 @needs_trt
 def test_tensorrt_measures_a_piece(small_onnx) -> None:
-    piece = Piece("small", "f" * 24, (3, 16, 16), small_onnx, small_net)
+    piece = Piece("small", "f" * 24, (3, 16, 16), lambda: small_onnx, small_net)
     t = measure(tensorrt.step(piece, local_target("tensorrt", "fp16", batch=2)), FAST)
     assert 0 < t.median_ms < 100
 
@@ -410,7 +410,7 @@ def test_torch_cuda_measures_twice_the_work_as_about_twice_the_time() -> None:
     target = local_target("torch-cuda", "fp16", batch=4096)
     method = Method(warmup_s=0.2, min_iters=20, window_s=0.1)
     single, double = (t.median_ms for t in measure_all(
-        [torch_cuda.step(Piece(f"chain{n}", "c" * 24, (4096,), onnx.ModelProto(), lambda n=n: MatmulChain(n)),
+        [torch_cuda.step(Piece(f"chain{n}", "c" * 24, (4096,), onnx.ModelProto, lambda n=n: MatmulChain(n)),
                          target) for n in (8, 16)], method))
     assert 1.5 < double / single < 2.5, (single, double)
 

@@ -1,9 +1,9 @@
 """Latency and compile backends: one module each, heavy dependencies imported lazily.
 
 A backend prepares one timed call of a piece of network (a block, a joint of
-two blocks, a whole engine) for the shared method of dery.measure, builds a deployable engine file from the
-assembled network, loads and runs such a file, and says whether it can run
-here and, if not, why.
+two blocks, a whole engine) for the shared method of dery.measure, builds a
+deployable engine file from the assembled network, loads and runs such a file,
+and says whether it can run here and, if not, why.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,13 +33,19 @@ MODULES = {
 
 @dataclass(frozen=True, eq=False)
 class Piece:
-    """Something to measure: its ONNX graph and (for torch backends) a way to get the module."""
+    """Something to measure: a way to get its ONNX graph and (for torch backends) its module. Both are built
+    only when asked, so looking a piece up by fingerprint in the profile store costs nothing."""
 
     name: str
     fingerprint: str
     input_shape: tuple[int, ...]
-    onnx: onnx.ModelProto
+    build_onnx: Callable[[], onnx.ModelProto]
     module: Callable[[], nn.Module]
+
+    @cached_property
+    def onnx(self) -> onnx.ModelProto:
+        """The piece's ONNX graph (built once)."""
+        return self.build_onnx()
 
 
 class Runner(Protocol):
