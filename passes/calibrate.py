@@ -5,8 +5,9 @@ blocks and their stitch), so block sums plus boundary sums already hold one
 call overhead and what fusion saves at each boundary. What is left - a whole
 engine's cache pressure, what a stitch costs beyond its joint - is measured
 here: every zoo member (no stitch) and a handful of seeded random assemblies
-(with stitches) are compiled into engines and timed end to end, each point is
-recorded next to the sums the program would predict it from, and
+(with stitches) are compiled into engines and timed end to end together with
+the reference graph (dery.reference), each point is recorded next to the sums
+the program would predict it from, and
 `Calibration` is fitted to this zoo's points for the target, device and
 backend version. Points are stored with the profile, so they are never
 measured twice; other zoos' points serve only a device that is not here.
@@ -22,17 +23,16 @@ from pathlib import Path
 from dery import progress
 from dery.backends import availability, get_backend
 from dery.ir import Partition
-from dery.measure import Method, measure_all
+from dery.measure import Method
 from dery.passes.assemble import assemble
 from dery.passes.compile import compile_engine
 from dery.passes.lower import Lowered
-from dery.passes.profile import Costs
+from dery.passes.profile import CHUNK, Costs
 from dery.passes.stitch import Stitches
 from dery.passes.verify import identity
-from dery.profile_store import Calibration, CalibrationPoint, ProfileStore
+from dery.profile_store import Calibration, CalibrationPoint, Group, ProfileStore
+from dery.reference import measure_referenced, reference_piece
 from dery.targets import Target
-
-Group = tuple[str, str, str, str, str, int]
 
 
 def group_of(target: Target, device: str) -> Group:
@@ -63,18 +63,24 @@ def random_assemblies(partition: Partition, stitches: Stitches, n: int, seed: in
 
 def engine_latencies(assemblies: Sequence[tuple[str, ...]], zoo: Sequence[Lowered], partition: Partition,
                      stitches: Stitches, target: Target, method: Method = Method(),
-                     advance: Callable[..., None] = lambda n=1, note=None: None) -> list[float]:
-    """Compile assemblies into engines in a scratch directory and measure them end to end, together (their
-    windows in turn, as pieces are measured)."""
+                     advance: Callable[..., None] = lambda n=1, note=None: None,
+                     quickest_ms: float | None = None) -> list[tuple[float, float]]:
+    """Compile assemblies into engines in a scratch directory and measure them end to end, `CHUNK` at a time
+    together with the reference graph, as pieces are measured: (median ms, the group's reference ms) each."""
     backend = get_backend(target.backend)
-    with tempfile.TemporaryDirectory(prefix="dery-cal-") as tmp:
-        steps = []
-        for i, models in enumerate(assemblies):
-            _, module = assemble(zoo, partition, stitches, models)
-            engine = compile_engine(module, zoo[0].network.input_shape, target, Path(tmp), name=f"assembly{i}")
-            steps.append(backend.engine_step(engine.path, target))
-            advance()
-        return [t.median_ms for t in measure_all(steps, method)]
+    out: list[tuple[float, float]] = []
+    for start in range(0, len(assemblies), CHUNK):
+        with tempfile.TemporaryDirectory(prefix="dery-cal-") as tmp:
+            steps = []
+            for i, models in enumerate(assemblies[start:start + CHUNK]):
+                _, module = assemble(zoo, partition, stitches, models)
+                engine = compile_engine(module, zoo[0].network.input_shape, target, Path(tmp), name=f"assembly{i}")
+                steps.append(backend.engine_step(engine.path, target))
+                advance()
+            timings, reference_ms, _ = measure_referenced(steps, backend.step(reference_piece(), target), method,
+                                                          quickest_ms)
+            out += [(t.median_ms, reference_ms) for t in timings]
+    return out
 
 
 def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, costs: Costs, target: Target,
@@ -101,7 +107,9 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
     store.add_points(point(m, costs.networks[m[0]].median_ms) for m in members if ids[m] not in known)
     todo = [m for m in mixed if ids[m] not in known]
     with progress.task("calibrating", len(todo)) as advance:
-        store.add_points(map(point, todo, engine_latencies(todo, zoo, partition, stitches, target, advance=advance)))
+        measured = engine_latencies(todo, zoo, partition, stitches, target, advance=advance,
+                                    quickest_ms=store.quickest_ms(group))
+        store.add_points(point(m, ms) for m, (ms, _) in zip(todo, measured))
     return store.calibration(group, set(ids.values()))
 
 

@@ -32,11 +32,12 @@ from dery.backends import Backend, Piece, availability, get_backend
 from dery.cache import Cache, content_key
 from dery.errors import DeryError
 from dery.ir import LatencyRecord, Partition
-from dery.measure import Method, measure_all
+from dery.measure import Method
 from dery.onnx_graph import INPUT, OUTPUT, chain, cut_tensor, export, extract
 from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
 from dery.profile_store import ProfileStore
+from dery.reference import measure_referenced, reference_piece
 from dery.targets import Target
 
 
@@ -179,14 +180,17 @@ def probe_record(piece: Piece, target: Target, device: str, backend: Backend) ->
                          target.batch, (target.batch, *piece.input_shape), 0.0, 0.0, 0.0, 0.0, 0, "", "")
 
 
-def measure_pieces(items: Sequence[Piece], target: Target, device: str, backend: Backend,
-                   method: Method) -> list[LatencyRecord]:
-    """Measure pieces together now (their windows in turn, see dery.measure) and return their records."""
-    timings = measure_all([backend.step(p, target) for p in items], method)
+def measure_pieces(items: Sequence[Piece], target: Target, device: str, backend: Backend, method: Method,
+                   quickest_ms: float | None) -> list[LatencyRecord]:
+    """Measure pieces together now, with the reference graph (their windows in turn, see dery.measure and
+    dery.reference), and return their records."""
+    timings, reference_ms, slow = measure_referenced([backend.step(p, target) for p in items],
+                                                     backend.step(reference_piece(), target), method, quickest_ms)
     when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     return [LatencyRecord(p.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
                           target.batch, (target.batch, *p.input_shape), t.median_ms, t.p90_ms, t.min_ms, t.cv,
-                          t.runs, when, method.describe() + ("; noisy" if t.noisy else ""))
+                          t.runs, when, method.describe() + ("; noisy" if t.noisy else "")
+                          + ("; in a slow spell" if slow else ""), reference_ms=reference_ms)
             for p, t in zip(items, timings)]
 
 
@@ -224,7 +228,8 @@ def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStor
     with progress.task(f"profiling on {target.name}", len(todo)) as advance:
         for start in range(0, len(todo), CHUNK):
             keys = todo[start:start + CHUNK]
-            records = measure_pieces([items[k] for k in keys], target, device, backend, method)
+            records = measure_pieces([items[k] for k in keys], target, device, backend, method,
+                                     store.quickest_ms(probe_record(items[keys[0]], target, device, backend).group))
             store.add_all(records)
             found.update(zip(keys, records))
             advance(len(keys), note=items[keys[-1]].name)

@@ -1,7 +1,8 @@
 """verify: measure the engine file end to end, and decide the next budget if it overshoots.
 
 The measurement uses the shared method through the target's backend, on the
-engine file exactly as it will be deployed. It is cached by the assembly's
+engine file exactly as it will be deployed, with the reference graph beside it
+(more rounds while the machine runs slow, as the profile measures). It is cached by the assembly's
 identity (blocks, weights, stitches), the device and the backend version, so
 rerunning the same compile reports the same numbers.
 """
@@ -18,6 +19,7 @@ from dery.ir import Partition
 from dery.measure import Method, Timing, measure
 from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
+from dery.reference import measure_referenced, reference_piece
 from dery.targets import Target, get_target, local_device_name
 
 
@@ -29,14 +31,20 @@ def identity(models: Sequence[str], partition: Partition, stitches: Stitches, zo
     return content_key("assembly", parts, joins)
 
 
-def measure_engine(path: Path, identity: str, target: Target, cache: Cache, method: Method = Method()) -> Timing:
-    """End-to-end latency of an engine file (the verify pass), cached by assembly identity."""
+def measure_engine(path: Path, identity: str, target: Target, cache: Cache, method: Method = Method(),
+                   quickest_ms: float | None = None) -> Timing:
+    """End-to-end latency of an engine file (the verify pass), cached by assembly identity; `quickest_ms` is
+    the quickest the reference graph has run on this device (dery.reference)."""
     backend = get_backend(target.backend)
     key = content_key("verify", identity, target.name, local_device_name(target), backend.NAME, backend.version(),
                       target.precision, target.batch, target.threads, method)
-    raw = cache.json("verify", key, lambda: measure(backend.engine_step(path, target), method).__dict__,
-                     what="engine measurement")
-    return Timing(**raw)
+
+    def make() -> dict:
+        (timing,), _, _ = measure_referenced([backend.engine_step(path, target)],
+                                             backend.step(reference_piece(), target), method, quickest_ms)
+        return timing.__dict__
+
+    return Timing(**cache.json("verify", key, make, what="engine measurement"))
 
 
 def next_limit(limit_ms: float, budget_ms: float, measured_ms: float) -> float:

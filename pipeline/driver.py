@@ -325,6 +325,7 @@ class Search:
     def realise(self, solution, proxy: float, name: str) -> Result:
         """Assemble, compile and measure one solution."""
         from dery.passes.assemble import assemble
+        from dery.passes.calibrate import group_of
         from dery.passes.compile import compile_engine
         from dery.passes.solve import chosen_models
         from dery.passes.verify import identity, measure_engine
@@ -340,7 +341,7 @@ class Search:
             return Result(solution, models, assembly, module, engine, None, proxy, refinement)
         with stage("verify", s.timings):
             timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered), s.target,
-                                    s.cache)
+                                    s.cache, quickest_ms=s.store.quickest_ms(group_of(s.target, s.device)))
         return Result(solution, models, assembly, module, engine, timing, proxy, refinement)
 
     def refine(self, module) -> dict | None:

@@ -105,7 +105,8 @@ class Stitch:
 
 @dataclass(frozen=True)
 class LatencyRecord:
-    """One measured (or estimated) latency, keyed by what decides it."""
+    """One measured (or estimated) latency, keyed by what decides it, with the time the reference graph took
+    in the same measurement group (0 for estimates; see dery.reference)."""
 
     fingerprint: str
     target: str
@@ -123,11 +124,17 @@ class LatencyRecord:
     when: str
     how: str
     estimated: bool = False
+    reference_ms: float = 0.0
 
     @property
     def key(self) -> str:
         return "|".join((self.fingerprint, self.target, self.device, self.backend, self.backend_version,
                          self.precision, str(self.batch), "x".join(map(str, self.shape))))
+
+    @property
+    def group(self) -> tuple[str, str, str, str, str, int]:
+        """(target, device, backend, version, precision, batch): what a record was measured with, but the piece."""
+        return (self.target, self.device, self.backend, self.backend_version, self.precision, self.batch)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,11 @@ measured together take their windows in turn (`measure_all`), which spreads
 each piece's windows over the whole run, and the fastest window is the one the
 least disturbed. When the two fastest windows still disagree by more than
 `max_spread`, up to `extra_windows` more windows are taken, and a measurement
-that stays unsettled says so (`noisy`). Inputs are prepared by the caller
+that stays unsettled says so (`noisy`). A slow spell can also last longer
+than a group's windows and slow every one of them alike; a caller that can
+tell (dery.reference times a fixed graph with every group) passes `settled`,
+and while it says no, up to `slow_rounds` more rounds of windows are taken.
+Inputs are prepared by the caller
 before `measure` is called, so the timed region holds the call alone. A step
 may return its own elapsed milliseconds (a device timer such as CUDA events);
 otherwise the host's monotonic clock times it.
@@ -38,20 +42,23 @@ class Method:
     max_iters: int = 100_000
     max_spread: float = 0.05
     extra_windows: int = 5
+    slow_rounds: int = 10
 
     def describe(self) -> str:
         return (f"{self.windows} windows taken in turn with the other pieces, each: warm-up {self.warmup_s:g}s, "
                 f">= {self.min_iters} runs and >= {self.window_s:g}s, median; the fastest window; up to "
-                f"{self.extra_windows} more windows when the two fastest differ by > {self.max_spread:g}")
+                f"{self.extra_windows} more windows when the two fastest differ by > {self.max_spread:g}; up to "
+                f"{self.slow_rounds} more rounds while the reference graph runs slow")
 
 
-FAST = Method(windows=2, warmup_s=0.01, min_iters=10, window_s=0.02, extra_windows=0)
+FAST = Method(windows=2, warmup_s=0.01, min_iters=10, window_s=0.02, extra_windows=0, slow_rounds=0)
 
 
 @dataclass(frozen=True)
 class Timing:
     """Summary of one measurement, in milliseconds: the fastest window's median, p90, mean and cv, the minimum
-    over every call, all calls made, the windows taken and the relative gap between the two fastest windows."""
+    over every call, all calls made, the windows taken, the relative gap between the two fastest windows, and
+    the median over the windows' medians (what a typical window saw)."""
 
     median_ms: float
     p90_ms: float
@@ -62,6 +69,7 @@ class Timing:
     windows: int
     spread: float
     noisy: bool
+    windows_median_ms: float
 
 
 def summarize(windows: Sequence[np.ndarray], max_spread: float) -> Timing:
@@ -74,7 +82,7 @@ def summarize(windows: Sequence[np.ndarray], max_spread: float) -> Timing:
         else 0.0
     return Timing(float(medians[order[0]]), float(np.percentile(best, 90)), float(min(np.min(w) for w in windows)),
                   mean, float(best.std() / mean) if mean > 0 else 0.0, int(sum(len(w) for w in windows)),
-                  len(windows), spread, spread > max_spread)
+                  len(windows), spread, spread > max_spread, float(np.median(medians)))
 
 
 def _window(step: Step, method: Method) -> np.ndarray:
@@ -93,14 +101,22 @@ def _window(step: Step, method: Method) -> np.ndarray:
     return np.asarray(samples, dtype=np.float64)
 
 
-def measure_all(steps: Sequence[Step], method: Method = Method()) -> list[Timing]:
-    """Time several steps by the shared method, their windows taken in turn (round robin)."""
+def measure_all(steps: Sequence[Step], method: Method = Method(),
+                settled: Callable[[list[Timing]], bool] = lambda timings: True) -> list[Timing]:
+    """Time several steps by the shared method, their windows taken in turn (round robin); then more rounds
+    of windows for every step while `settled` says the machine ran slow."""
     windows: list[list[np.ndarray]] = [[] for _ in steps]
-    todo = list(range(len(steps)))
+    every = list(range(len(steps)))
+    todo = every
     for r in range(method.windows + method.extra_windows):
         if r >= method.windows:
             todo = [i for i in todo if summarize(windows[i], method.max_spread).noisy]
         for i in todo if r % 2 == 0 else todo[::-1]:
+            windows[i].append(_window(steps[i], method))
+    for r in range(method.slow_rounds):
+        if settled([summarize(w, method.max_spread) for w in windows]):
+            break
+        for i in every if r % 2 == 0 else every[::-1]:
             windows[i].append(_window(steps[i], method))
     return [summarize(w, method.max_spread) for w in windows]
 

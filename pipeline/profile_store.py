@@ -25,8 +25,10 @@ from .errors import USAGE, DeryError
 from .ir import LatencyRecord, from_json, to_json
 from .targets import Target
 
-SCHEMA = "dery.profile/2"
-OLDER = {"dery.profile/1": "pieces timed in one window each, stitches alone"}
+SCHEMA = "dery.profile/3"
+OLDER = {"dery.profile/1": "pieces timed in one window each, stitches alone",
+         "dery.profile/2": "records without the reference graph's time, so slow spells went unnoticed"}
+Group = tuple[str, str, str, str, str, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,7 @@ class CalibrationPoint:
                          str(self.batch), self.assembly))
 
     @property
-    def group(self) -> tuple[str, str, str, str, str, int]:
+    def group(self) -> Group:
         return (self.target, self.device, self.backend, self.backend_version, self.precision, self.batch)
 
 
@@ -170,6 +172,11 @@ class ProfileStore:
                 and r.precision == target.precision and r.batch == target.batch and target.matches(r.device)]
         return max(hits, key=lambda r: (r.when, r.key)) if hits else None
 
+    def quickest_ms(self, group: Group) -> float | None:
+        """The quickest the reference graph has run in a measurement group on this device (dery.reference)."""
+        times = [r.reference_ms for r in self.records.values() if r.group == group and r.reference_ms > 0]
+        return min(times) if times else None
+
     def add_all(self, records: Iterable[LatencyRecord]) -> None:
         """Store records and write the user's file at once."""
         self._add(self.records, self._own, records)
@@ -186,12 +193,11 @@ class ProfileStore:
         if added:
             self._save()
 
-    def calibration_points(self, group: tuple[str, str, str, str, str, int]) -> list[CalibrationPoint]:
+    def calibration_points(self, group: Group) -> list[CalibrationPoint]:
         """Points measured with one (target, device, backend, version, precision, batch), in key order."""
         return sorted((p for p in self.points.values() if p.group == group), key=lambda p: p.key)
 
-    def calibration(self, group: tuple[str, str, str, str, str, int],
-                    assemblies: set[str] | None = None) -> Calibration:
+    def calibration(self, group: Group, assemblies: set[str] | None = None) -> Calibration:
         """The correction model fitted to a group's points, only those of `assemblies` when given (the plain
         sum without points)."""
         return fit_calibration([p for p in self.calibration_points(group)

@@ -71,7 +71,7 @@ def test_summary_statistics() -> None:
     t = summarize([np.array([1.0, 2.0, 3.0, 4.0, 10.0]), np.array([6.0, 7.0, 8.0])], 0.5)
     assert t.median_ms == 3.0 and t.min_ms == 1.0 and t.mean_ms == 4.0 and t.p90_ms == pytest.approx(7.6)
     assert t.cv == pytest.approx(np.std([1, 2, 3, 4, 10]) / 4.0) and t.runs == 8 and t.windows == 2
-    assert t.spread == pytest.approx(7.0 / 3.0 - 1.0) and t.noisy
+    assert t.spread == pytest.approx(7.0 / 3.0 - 1.0) and t.noisy and t.windows_median_ms == 5.0
 
 
 def test_every_extracted_block_and_joint_equals_its_torch_module(tiny) -> None:
@@ -91,9 +91,46 @@ def test_every_extracted_block_and_joint_equals_its_torch_module(tiny) -> None:
         assert np.abs(got - ref).max() <= 1e-4, key
 
 
-def record(fp: str, when: str = "2026-01-01T00:00:00+00:00", ms: float = 1.0, device: str = "cpu-a") -> LatencyRecord:
+def record(fp: str, when: str = "2026-01-01T00:00:00+00:00", ms: float = 1.0, device: str = "cpu-a",
+           reference: float = 0.0) -> LatencyRecord:
     return LatencyRecord(fp, "cpu", device, "onnxruntime", "1.0", "fp32", 1, (1, 3, 8, 8), ms, ms, ms, 0.0, 10,
-                         when, "test")
+                         when, "test", reference_ms=reference)
+
+
+def test_the_reference_graph_is_fixed_and_its_module_computes_the_same() -> None:
+    from dery.reference import reference_module, reference_onnx, reference_piece
+
+    assert reference_onnx().SerializeToString() == reference_onnx().SerializeToString()
+    x = np.random.default_rng(1).random((2, *reference_piece().input_shape), dtype=np.float32)
+    got = ort.InferenceSession(reference_onnx().SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    with torch.no_grad():
+        want = reference_module()(torch.from_numpy(x)).numpy()
+    assert got.shape == x.shape and np.abs(got - want).max() <= 1e-4 and (got > 0).mean() > 0.2
+
+
+def test_a_slow_spell_seen_by_the_reference_gets_more_rounds() -> None:
+    """Every call runs 1.3x slower for the first two rounds of windows. Without a quickest reference time the
+    spell is what gets recorded; with one, the group takes more rounds until most of the reference's windows
+    are back within `SLOW` of it, and every piece keeps its quiet window; a spell that outlasts the extra
+    rounds is flagged."""
+    from dery.reference import measure_referenced
+
+    method = Method(windows=2, warmup_s=0, min_iters=10, window_s=0, extra_windows=0, slow_rounds=4)
+
+    def group(spell_calls: int, quickest: float | None) -> tuple[list[float], float, bool, int]:
+        clock = itertools.count()
+
+        def step(ms: float) -> Callable[[], float]:
+            return lambda: ms * (1.3 if next(clock) < spell_calls else 1.0)
+
+        timings, reference, slow = measure_referenced([step(2.0), step(5.0)], step(1.0), method, quickest)
+        return [t.median_ms for t in timings], reference, slow, timings[0].windows
+
+    spell = 2 * 3 * 11  # two rounds of one window (a warm-up call and ten timed calls) for three steps
+    assert group(spell, None) == ([2.6, 6.5], 1.3, False, 2)
+    assert group(spell, 1.0) == ([2.0, 5.0], 1.0, False, 5)
+    assert group(10**6, 1.0) == ([2.6, 6.5], 1.3, True, 6)
 
 
 def test_store_writes_each_record_at_once_and_reads_it_back(tmp_path) -> None:
@@ -123,14 +160,15 @@ def test_damaged_store_is_reported_by_path_and_left_alone(tmp_path, content) -> 
     assert path.read_text() == content
 
 
-def test_a_table_from_an_older_dery_is_refused_by_name_and_left_alone(tmp_path) -> None:
+@pytest.mark.parametrize("schema", ["dery.profile/1", "dery.profile/2"])
+def test_a_table_from_an_older_dery_is_refused_by_name_and_left_alone(tmp_path, schema) -> None:
     from dery.cache import Cache
 
     path = tmp_path / "profiles" / "cpu.json"
     path.parent.mkdir(parents=True)
-    content = json.dumps({"schema": "dery.profile/1", "records": [], "calibration": []})
+    content = json.dumps({"schema": schema, "records": [], "calibration": []})
     path.write_text(content)
-    with pytest.raises(DeryError, match=r"older dery \(dery\.profile/1") as info:
+    with pytest.raises(DeryError, match=rf"older dery \({schema}") as info:
         ProfileStore(Cache(tmp_path), "cpu")
     assert str(path) in str(info.value) and path.read_text() == content
 
@@ -157,11 +195,15 @@ def test_interrupted_profiling_resumes_without_remeasuring(tiny, tmp_path, monke
     real = ob.step
     calls: list[str] = []
 
+    def counted(piece, tgt):
+        if piece.name != "reference":
+            calls.append(piece.name)
+        return real(piece, tgt)
+
     def failing(piece, tgt):
         if len(calls) == 5:  # in the third chunk of two
             raise KeyboardInterrupt
-        calls.append(piece.name)
-        return real(piece, tgt)
+        return counted(piece, tgt)
 
     monkeypatch.setattr(profile_pass, "CHUNK", 2)
     monkeypatch.setattr(ob, "step", failing)
@@ -169,9 +211,11 @@ def test_interrupted_profiling_resumes_without_remeasuring(tiny, tmp_path, monke
         ensure_records(items, target, store, method=QUICK)
     assert len(json.loads(store.path.read_text())["records"]) == 4
     calls.clear()
-    monkeypatch.setattr(ob, "step", lambda p, t: (calls.append(p.name), real(p, t))[1])
+    monkeypatch.setattr(ob, "step", counted)
     found, measured = ensure_records(items, target, ProfileStore(Cache(tmp_path), "cpu"), method=QUICK)
     assert measured == 2 and len(calls) == 2 and len(found) == 6
+    stored = json.loads(store.path.read_text())["records"]
+    assert len({(r["when"], r["reference_ms"]) for r in stored}) >= 2 and all(r["reference_ms"] > 0 for r in stored)
     calls.clear()
     _, measured = ensure_records(items, target, ProfileStore(Cache(tmp_path), "cpu"), method=QUICK)
     assert measured == 0 and calls == []
