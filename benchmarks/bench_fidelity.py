@@ -3,7 +3,8 @@
 For each zoo (the default digits zoo, and a zoo of timm networks at 224 px with
 random weights) the real pipeline runs up to the calibrated search space; then
 50+ random assemblies that the calibration never saw are compiled into engines
-and measured end to end, all together (their measurement windows in turn, as
+and measured end to end, 32 at a time with the reference graph (their
+measurement windows in turn, more rounds while the reference runs slow: as
 dery measures pieces). The prediction is what the program uses (calibrated
 block and boundary sums); next to it are the in-context sum without the fit
 (blocks plus boundaries as measured in joints) and the plain block sum, to show
@@ -51,19 +52,23 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     held_out = [m for m in pool if identity(m, s.partition, s.stitches, s.lowered) not in seen][:count]
     program = Search(s, out).problem(1e9)
     t0 = time.perf_counter()
-    measured = engine_latencies(held_out, s.lowered, s.partition, s.stitches, s.target)
+    group = group_of(s.target, s.device)
+    measured = engine_latencies(held_out, s.lowered, s.partition, s.stitches, s.target,
+                                quickest_ms=s.store.quickest_ms(group))
     rows = []
-    for models, ms in zip(held_out, measured):
+    for models, (ms, reference) in zip(held_out, measured):
         blocks, boundaries = s.costs.sums(models)
         predicted = program.evaluate([f"{m}[{j}]" for j, m in enumerate(models)])[1]["latency_ms"]
         rows.append({"assembly": list(models), "stitches": switches(models), "blocks_ms": blocks,
                      "boundaries_ms": boundaries, "in_context_ms": blocks + boundaries, "predicted_ms": predicted,
-                     "measured_ms": ms})
-    meas = np.array(measured)
+                     "measured_ms": ms, "reference_ms": reference})
+    meas = np.array([ms for ms, _ in measured])
+    profiled = sorted({r.reference_ms for r in s.store.records.values() if r.group == group and r.reference_ms})
     cal = s.calibration
     return {"zoo": name, "spec": zoo, "k": k, "assemblies": len(rows), "setup_s": setup_s,
             "measure_s": time.perf_counter() - t0,
             "members_ms": {m: r.median_ms for m, r in s.costs.networks.items()},
+            "reference_ms": {"profile_groups": profiled, "engine_groups": sorted({ms for _, ms in measured})},
             "calibration": {"intercept_ms": cal.intercept_ms, "block_scale": cal.block_scale,
                             "boundary_scale": cal.boundary_scale, "per_stitch_ms": cal.per_stitch_ms,
                             "points": cal.points, "fit_max_error": cal.max_error},
@@ -96,7 +101,9 @@ def markdown(doc: dict) -> str:
         lines.append(f"- {z['zoo']}: engine = {c['intercept_ms']:+.4f} ms + {c['block_scale']:.3f} x blocks + "
                      f"{c['boundary_scale']:.3f} x boundaries {c['per_stitch_ms']:+.4f} ms per stitch "
                      f"({c['points']} points, worst in-sample error {100 * c['fit_max_error']:.1f}%); members "
-                     + ", ".join(f"{m} {v:.3f} ms" for m, v in z["members_ms"].items()))
+                     + ", ".join(f"{m} {v:.3f} ms" for m, v in z["members_ms"].items())
+                     + "; reference graph " + ", ".join(f"{k.replace('_', ' ')} {min(v):.3f}-{max(v):.3f} ms"
+                                                        for k, v in z["reference_ms"].items() if v))
     lines += ["", "nn-Meter's headline for comparison: 99.0% of models within +-10% on a mobile CPU "
               "(REFERENCES.md section 6).", ""]
     return "\n".join(lines)
