@@ -10,9 +10,9 @@ block and boundary sums); next to it are the in-context sum without the fit
 (blocks plus boundaries as measured in joints) and the plain block sum, to show
 what the joints and the calibration buy.
 
-    python benchmarks/bench_fidelity.py [--quick] [--zoos default,timm]
+    python benchmarks/bench_fidelity.py [--quick] [--zoos default,timm] [--name fidelity]
 
-Writes benchmarks/results/fidelity.md and fidelity.json.
+Writes benchmarks/results/<name>.md and <name>.json.
 """
 from __future__ import annotations
 
@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 assemblies per zoo")
     parser.add_argument("--zoos", default="default,timm")
     parser.add_argument("--count", type=int, default=60)
+    parser.add_argument("--name", default="fidelity", help="results file name (a repeat run keeps the first)")
     args = parser.parse_args()
     os.environ.setdefault("DERY_CACHE_DIR", "/tmp/dery-bench-cache")
     os.environ.setdefault("DERY_QUIET", "1")
@@ -131,9 +132,9 @@ def main() -> None:
            "onnxruntime": onnxruntime.__version__, "method": Method().describe(),
            "command": " ".join(["python", *sys.argv]), "zoos": zoos}
     RESULTS.mkdir(exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    (RESULTS / f"fidelity{suffix}.json").write_text(json.dumps(doc, indent=1))
-    (RESULTS / f"fidelity{suffix}.md").write_text(markdown(doc))
+    name = args.name + ("-quick" if args.quick else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(doc))
     print(markdown(doc))
 
 
