@@ -41,8 +41,9 @@ def errors_pct(pred: np.ndarray, meas: np.ndarray) -> dict:
 def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     """The pipeline up to calibration, then `count` held-out random assemblies compiled and measured."""
     from dery.driver import CompileConfig, Search, front
-    from dery.passes.calibrate import engine_latencies, group_of, random_assemblies, switches
+    from dery.passes.calibrate import engine_latencies, random_assemblies, switches
     from dery.passes.verify import identity
+    from dery.profile_store import group_of
 
     t0 = time.perf_counter()
     s = front(CompileConfig(target="cpu", latency_ms=1.0, zoo=zoo, k=k, out=out, probe=128))

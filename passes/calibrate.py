@@ -30,15 +30,9 @@ from dery.passes.lower import Lowered
 from dery.passes.profile import CHUNK, Costs
 from dery.passes.stitch import Stitches
 from dery.passes.verify import identity
-from dery.profile_store import Calibration, CalibrationPoint, Group, ProfileStore
+from dery.profile_store import Calibration, CalibrationPoint, ProfileStore, group_of
 from dery.reference import measure_referenced, reference_piece
 from dery.targets import Target
-
-
-def group_of(target: Target, device: str) -> Group:
-    """The calibration group of a target on a device: (target, device, backend, version, precision, batch)."""
-    backend = get_backend(target.backend)
-    return (target.name, device, backend.NAME, backend.version(), target.precision, target.batch)
 
 
 def random_assemblies(partition: Partition, stitches: Stitches, n: int, seed: int,

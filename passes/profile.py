@@ -36,7 +36,7 @@ from dery.measure import Method
 from dery.onnx_graph import INPUT, OUTPUT, chain, cut_tensor, export, extract
 from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
-from dery.profile_store import ProfileStore
+from dery.profile_store import ProfileStore, group_of
 from dery.reference import measure_referenced, reference_piece
 from dery.targets import Target
 
@@ -229,7 +229,7 @@ def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStor
         for start in range(0, len(todo), CHUNK):
             keys = todo[start:start + CHUNK]
             records = measure_pieces([items[k] for k in keys], target, device, backend, method,
-                                     store.quickest_ms(probe_record(items[keys[0]], target, device, backend).group))
+                                     store.quickest_ms(group_of(target, device)))
             store.add_all(records)
             found.update(zip(keys, records))
             advance(len(keys), note=items[keys[-1]].name)

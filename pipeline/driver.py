@@ -27,7 +27,7 @@ from .data import Dataset, load_data
 from .errors import USAGE, DeryError
 from .ir import Partition, from_json, to_json
 from .measure import Method
-from .profile_store import ProfileStore
+from .profile_store import ProfileStore, group_of
 from .targets import Target, get_target
 from .zoo import Network, load_zoo, native_resolution, parse_zoo
 
@@ -325,7 +325,6 @@ class Search:
     def realise(self, solution, proxy: float, name: str) -> Result:
         """Assemble, compile and measure one solution."""
         from dery.passes.assemble import assemble
-        from dery.passes.calibrate import group_of
         from dery.passes.compile import compile_engine
         from dery.passes.solve import chosen_models
         from dery.passes.verify import identity, measure_engine

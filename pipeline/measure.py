@@ -106,18 +106,20 @@ def measure_all(steps: Sequence[Step], method: Method = Method(),
     """Time several steps by the shared method, their windows taken in turn (round robin); then more rounds
     of windows for every step while `settled` says the machine ran slow."""
     windows: list[list[np.ndarray]] = [[] for _ in steps]
-    every = list(range(len(steps)))
-    todo = every
+
+    def round_robin(indices: list[int], r: int) -> None:
+        for i in indices if r % 2 == 0 else indices[::-1]:
+            windows[i].append(_window(steps[i], method))
+
+    todo = list(range(len(steps)))
     for r in range(method.windows + method.extra_windows):
         if r >= method.windows:
             todo = [i for i in todo if summarize(windows[i], method.max_spread).noisy]
-        for i in todo if r % 2 == 0 else todo[::-1]:
-            windows[i].append(_window(steps[i], method))
+        round_robin(todo, r)
     for r in range(method.slow_rounds):
         if settled([summarize(w, method.max_spread) for w in windows]):
             break
-        for i in every if r % 2 == 0 else every[::-1]:
-            windows[i].append(_window(steps[i], method))
+        round_robin(list(range(len(steps))), r)
     return [summarize(w, method.max_spread) for w in windows]
 
 

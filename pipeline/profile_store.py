@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import get_backend
 from .cache import Cache, atomic_write_json, read_json
 from .errors import USAGE, DeryError
 from .ir import LatencyRecord, from_json, to_json
@@ -101,6 +102,13 @@ def fit_calibration(points: Sequence[CalibrationPoint], shrink: float = 1e-3) ->
     theta = np.linalg.lstsq(a, b, rcond=None)[0]
     err = np.abs(f @ theta / y - 1.0)
     return Calibration(*map(float, theta), points=len(points), max_error=float(err.max()))
+
+
+def group_of(target: Target, device: str) -> Group:
+    """The measurement group of a target on a device: (target, device, backend, version, precision, batch);
+    records and calibration points of one group are comparable."""
+    backend = get_backend(target.backend)
+    return (target.name, device, backend.NAME, backend.version(), target.precision, target.batch)
 
 
 def _parse(path: Path) -> tuple[list[LatencyRecord], list[CalibrationPoint]]:

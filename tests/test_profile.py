@@ -249,7 +249,8 @@ def test_calibration_recovers_a_planted_correction() -> None:
 
 
 def test_calibration_points_of_the_zoo_are_stored_once(tiny) -> None:
-    from dery.passes.calibrate import calibrate, group_of
+    from dery.passes.calibrate import calibrate
+    from dery.profile_store import group_of
 
     group = group_of(tiny.target, tiny.device)
     before = tiny.store.calibration_points(group)
