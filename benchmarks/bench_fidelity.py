@@ -7,8 +7,9 @@ and measured end to end, 32 at a time with the reference graph (their
 measurement windows in turn, more rounds while the reference runs slow: as
 dery measures pieces). The prediction is what the program uses (calibrated
 block and boundary sums); next to it are the in-context sum without the fit
-(blocks plus boundaries as measured in joints) and the plain block sum, to show
-what the joints and the calibration buy.
+(blocks plus boundaries as measured in joints and triples), the same without the
+triples' context terms, and the plain block sum, to show what the joints, the
+triples and the calibration buy.
 
     python benchmarks/bench_fidelity.py [--quick] [--zoos default,timm] [--name fidelity]
 
@@ -42,6 +43,7 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     """The pipeline up to calibration, then `count` held-out random assemblies compiled and measured."""
     from dery.driver import CompileConfig, Search, front
     from dery.passes.calibrate import engine_latencies, random_assemblies, switches
+    from dery.passes.solve import assembly_ids
     from dery.passes.verify import identity
     from dery.profile_store import group_of
 
@@ -59,10 +61,12 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     rows = []
     for models, (ms, reference) in zip(held_out, measured):
         blocks, boundaries = s.costs.sums(models)
-        predicted = program.evaluate([f"{m}[{j}]" for j, m in enumerate(models)])[1]["latency_ms"]
+        predicted = program.evaluate(assembly_ids(models))[1]["latency_ms"]
         rows.append({"assembly": list(models), "stitches": switches(models), "blocks_ms": blocks,
-                     "boundaries_ms": boundaries, "in_context_ms": blocks + boundaries, "predicted_ms": predicted,
+                     "boundaries_ms": boundaries, "in_context_ms": blocks + boundaries,
+                     "joints_only_ms": sum(s.costs.sums(models, contexts=False)), "predicted_ms": predicted,
                      "measured_ms": ms, "reference_ms": reference})
+    contexts = np.array([s.costs.context_ms(*key) / rec.median_ms for key, rec in s.costs.triples.items()])
     meas = np.array([ms for ms, _ in measured])
     profiled = sorted({r.reference_ms for r in s.store.records.values() if r.group == group and r.reference_ms})
     cal = s.calibration
@@ -73,8 +77,11 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
             "calibration": {"intercept_ms": cal.intercept_ms, "block_scale": cal.block_scale,
                             "boundary_scale": cal.boundary_scale, "per_stitch_ms": cal.per_stitch_ms,
                             "points": cal.points, "fit_max_error": cal.max_error},
+            "contexts": {"triples": len(contexts), "over_3pct": float(np.mean(np.abs(contexts) > 0.03)),
+                         "median_abs_pct": float(np.median(np.abs(contexts)) * 100)},
             "calibrated": errors_pct(np.array([r["predicted_ms"] for r in rows]), meas),
             "in_context": errors_pct(np.array([r["in_context_ms"] for r in rows]), meas),
+            "joints_only": errors_pct(np.array([r["joints_only_ms"] for r in rows]), meas),
             "block_sum": errors_pct(np.array([r["blocks_ms"] for r in rows]), meas),
             "rows": rows}
 
@@ -85,12 +92,13 @@ def markdown(doc: dict) -> str:
              f"{doc['onnxruntime']}, 1 thread, offline-optimised ONNX. Method: {doc['method']}.", "",
              "Each assembly below was compiled into an engine and measured end to end; none of them was among "
              "the calibration points. *calibrated* is the latency the program constrains; *in context* adds the "
-             "block medians and each boundary's joint less its two blocks, with no fit; *block sum* adds the "
-             "blocks timed alone and nothing else.", "",
+             "block medians, each boundary's joint less its two blocks and each pair of adjacent boundaries' "
+             "context term (their triple less their joints, plus the middle block), with no fit; *joints only* "
+             "leaves the context terms out; *block sum* adds the blocks timed alone and nothing else.", "",
              "| zoo | assemblies | predictor | median abs err | p95 abs err | max | within +-5% | within +-10% | "
              "mean signed |", "|---|---|---|---|---|---|---|---|---|"]
     for z in doc["zoos"]:
-        for key in ("calibrated", "in_context", "block_sum"):
+        for key in ("calibrated", "in_context", "joints_only", "block_sum"):
             e = z[key]
             lines.append(f"| {z['zoo']} | {z['assemblies']} | {key.replace('_', ' ')} | {e['median_abs_pct']:.2f}% | "
                          f"{e['p95_abs_pct']:.2f}% | {e['max_abs_pct']:.1f}% | {100 * e['within_5pct']:.0f}% | "
@@ -105,6 +113,9 @@ def markdown(doc: dict) -> str:
                      + ", ".join(f"{m} {v:.3f} ms" for m, v in z["members_ms"].items())
                      + "; reference graph " + ", ".join(f"{k.replace('_', ' ')} {min(v):.3f}-{max(v):.3f} ms"
                                                         for k, v in z["reference_ms"].items() if v))
+    lines += ["", "Context terms (what two adjacent boundaries add beyond each alone), as a share of their triple:", ""]
+    lines += [f"- {z['zoo']}: {z['contexts']['triples']} triples, median {z['contexts']['median_abs_pct']:.2f}%, "
+              f"{100 * z['contexts']['over_3pct']:.0f}% of them over 3%" for z in doc["zoos"]]
     lines += ["", "nn-Meter's headline for comparison: 99.0% of models within +-10% on a mobile CPU "
               "(REFERENCES.md section 6).", ""]
     return "\n".join(lines)

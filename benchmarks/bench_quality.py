@@ -36,7 +36,7 @@ from dery.driver import CompileConfig, Search, Session, front
 from dery.evaluate import accuracy, reference_labels
 from dery.passes.assemble import assemble
 from dery.passes.proxy import PREDICTORS, PROXIES, quality, whole_network_score
-from dery.passes.solve import best_solutions, chosen_models, min_achievable
+from dery.passes.solve import assembly_ids, best_solutions, chosen_models, min_achievable
 
 RESULTS = common.RESULTS
 SEED = 0
@@ -94,8 +94,7 @@ def budget_study(s: Session, qualities: dict, space: dict[tuple[str, ...], dict]
     out = []
     for budget in budgets:
         reference = Search(dataclasses.replace(s, quality=qualities[DEFAULT_PREDICTOR]), workdir).problem(budget)
-        feasible = [m for m in space if reference.meets_limits(reference.evaluate(
-            [f"{x}[{k}]" for k, x in enumerate(m)])[1])]
+        feasible = [m for m in space if reference.meets_limits(reference.evaluate(assembly_ids(m))[1])]
         best = max(feasible, key=lambda m: (space[m]["test_acc"], m)) if feasible else None
         fits = [m for m in members if members[m] <= budget]
         member = max(fits, key=lambda m: (test_acc[m], m)) if fits else None
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, m in enumerate(space_keys):
         _, module = assemble(s.lowered, s.partition, s.stitches, m)
         row = {"models": list(m), "switches": switches(m), "validation": m in in_validation,
-               "predicted_ms": unlimited.evaluate([f"{x}[{j}]" for j, x in enumerate(m)])[1]["latency_ms"],
+               "predicted_ms": unlimited.evaluate(assembly_ids(m))[1]["latency_ms"],
                "test_acc": accuracy(module, test_images, test_labels),
                "scores": {p: q.score(m) for p, q in qualities.items()}}
         proxies = PROXIES if m in in_validation else ("val-acc",)

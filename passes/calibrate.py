@@ -1,8 +1,9 @@
 """calibrate: fit the correction from in-context sums to whole-engine latency on this target.
 
 The profile times every block and every boundary in context (a joint of two
-blocks and their stitch), so block sums plus boundary sums already hold one
-call overhead and what fusion saves at each boundary. What is left - a whole
+blocks and their stitch, and a triple for two adjacent boundaries), so block
+sums plus boundary sums already hold one call overhead and what fusion saves
+at each boundary. What is left - a whole
 engine's cache pressure, what a stitch costs beyond its joint - is measured
 here: every zoo member (no stitch) and a handful of seeded random assemblies
 (with stitches) are compiled into engines and timed end to end together with

@@ -7,7 +7,15 @@ and keeps its memory layout across a boundary. So every boundary an assembly
 can have is timed in context, as a joint: block a of set j, the stitch from a
 to b (none when a == b) and block b of set j + 1 chained into one graph. What a
 boundary adds to an engine is its joint less its two blocks (`Costs.boundary_ms`,
-often negative); an assembly's latency is its blocks plus its boundaries.
+often negative). Two boundaries around one block interact as well (a small
+block between two stitches can cost several percent more or less than its two
+joints say, repeatably), so every run of three blocks is timed too, as a
+triple; what it adds beyond its two joints is the context term
+(`Costs.context_ms`). A context term is a small difference of large times, so
+it is taken within one measurement group: the triples around one middle block
+are timed together with their joints and that block, and a change of the
+machine's speed between groups cancels out. An assembly's latency is its
+blocks plus its boundaries plus its contexts.
 Each piece has a fingerprint (what decides its latency), so the profile store
 answers for pieces measured before, by this run or on another machine; only
 what is missing is measured, and each group of new records is saved as soon
@@ -19,6 +27,7 @@ on the right device.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 from collections.abc import Callable, Sequence
@@ -44,10 +53,11 @@ from dery.targets import Target
 @dataclass(frozen=True, eq=False)
 class Costs:
     """Latency records for the search space: blocks by (model, set), joints by (source, target, boundary),
-    whole zoo members by name."""
+    triples by (first, middle, last, first's set), whole zoo members by name."""
 
     blocks: dict[tuple[str, int], LatencyRecord] = field(repr=False)
     joints: dict[tuple[str, str, int], LatencyRecord] = field(repr=False)
+    triples: dict[tuple[str, str, str, int], LatencyRecord] = field(repr=False)
     networks: dict[str, LatencyRecord] = field(repr=False)
     measured: int
     reused: int
@@ -56,10 +66,24 @@ class Costs:
         """What boundary j from model a to model b adds to an engine: its joint less its two blocks."""
         return self.joints[a, b, j].median_ms - self.blocks[a, j].median_ms - self.blocks[b, j + 1].median_ms
 
-    def sums(self, models: Sequence[str]) -> tuple[float, float]:
-        """(sum of block medians, sum of boundaries) of an assembly; their total is its in-context latency."""
-        return (sum(self.blocks[m, k].median_ms for k, m in enumerate(models)),
-                sum(self.boundary_ms(a, b, j) for j, (a, b) in enumerate(zip(models, models[1:]))))
+    def context_ms(self, a: str, b: str, c: str, j: int) -> float:
+        """What boundaries j and j + 1 add together beyond each alone: the triple a, b, c less its two joints,
+        plus its middle block (counted by both joints), all timed in one group (`ensure_contexts`)."""
+        return self.triples[a, b, c, j].context_ms
+
+    def used(self, models: Sequence[str]) -> list[LatencyRecord]:
+        """The records an assembly's in-context latency is made of."""
+        return [*(self.blocks[m, k] for k, m in enumerate(models)),
+                *(self.joints[a, b, j] for j, (a, b) in enumerate(zip(models, models[1:]))),
+                *(self.triples[(*run, j)] for j, run in enumerate(zip(models, models[1:], models[2:])))]
+
+    def sums(self, models: Sequence[str], *, contexts: bool = True) -> tuple[float, float]:
+        """(sum of block medians, what the boundaries add: each alone and, with `contexts`, each adjacent pair
+        together); their total is the assembly's in-context latency."""
+        boundaries = sum(self.boundary_ms(a, b, j) for j, (a, b) in enumerate(zip(models, models[1:])))
+        if contexts:
+            boundaries += sum(self.context_ms(*run, j) for j, run in enumerate(zip(models, models[1:], models[2:])))
+        return sum(self.blocks[m, k].median_ms for k, m in enumerate(models)), boundaries
 
 
 def network_onnx(lowered: Lowered, cuts: Sequence[str], batch: int, cache: Cache) -> onnx.ModelProto:
@@ -109,7 +133,7 @@ def stitches_onnx(stitches: Stitches, batch: int, cache: Cache) -> onnx.ModelPro
 def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, batch: int,
            cache: Cache) -> dict[tuple, Piece]:
     """Every piece of the search space: ("block", model, k), ("joint", a, b, j) for every boundary an assembly
-    can have, ("network", model)."""
+    can have, ("triple", a, b, c, j) for every two adjacent ones, ("network", model)."""
     out: dict[tuple, Piece] = {}
     for lw in zoo:
         cuts = partition.boundaries[partition.models.index(lw.name)]
@@ -123,28 +147,39 @@ def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, bat
         out["network", lw.name] = Piece(lw.name, lw.fingerprint(None, None), lw.network.input_shape,
                                         lambda m=model: extract(m(), INPUT, OUTPUT), lambda lw=lw: lw.network.module)
     bundle = functools.cache(lambda: stitches_onnx(stitches, batch, cache))
-    for j in range(partition.k - 1):
-        for a in partition.models:
-            for b in partition.models:
-                if a != b and stitches.get(a, b, j) is None:
-                    continue
-                out["joint", a, b, j] = joint_piece(out["block", a, j], out["block", b, j + 1], a, b, j,
-                                                    stitches, bundle)
+    joins = [(a, b, j) for j in range(partition.k - 1) for a in partition.models for b in partition.models
+             if a == b or stitches.get(a, b, j) is not None]
+    for a, b, j in joins:
+        out["joint", a, b, j] = run_piece((a, b), j, out, stitches, bundle)
+    for a, b, j in joins:
+        for c in partition.models:
+            if ("joint", b, c, j + 1) in out:
+                out["triple", a, b, c, j] = run_piece((a, b, c), j, out, stitches, bundle)
     return out
 
 
-def joint_piece(left: Piece, right: Piece, a: str, b: str, j: int, stitches: Stitches,
-                bundle: Callable[[], onnx.ModelProto]) -> Piece:
-    """Block a of set j, the stitch a -> b (none when a == b) and block b of set j + 1 as one graph."""
-    if a == b:
-        return Piece(f"{a}[{j}..{j + 1}]", content_key("joint", left.fingerprint, right.fingerprint),
-                     left.input_shape, lambda: chain([left.onnx, right.onnx]),
-                     lambda: nn.Sequential(left.module(), right.module()))
-    n = _stitch_name(a, b, j)
-    return Piece(f"{a}[{j}]>{b}[{j + 1}]", content_key("joint", left.fingerprint, stitches.get(a, b, j).fingerprint,
-                                                         right.fingerprint),
-                 left.input_shape, lambda: chain([left.onnx, extract(bundle(), f"in:{n}", f"out:{n}"), right.onnx]),
-                 lambda: nn.Sequential(left.module(), stitches.modules[a, b, j], right.module()))
+def run_piece(models: Sequence[str], j: int, blocks: dict[tuple, Piece], stitches: Stitches,
+              bundle: Callable[[], onnx.ModelProto]) -> Piece:
+    """Consecutive blocks of `models` from set j on, with the stitch between each two that differ, as one graph."""
+    parts: list[Piece | tuple[str, str, int]] = []
+    for k, (before, m) in enumerate(zip((None, *models), models), start=j):
+        if before is not None and before != m:
+            parts.append((before, m, k - 1))
+        parts.append(blocks["block", m, k])
+
+    def graph(part: Piece | tuple[str, str, int]) -> onnx.ModelProto:
+        if isinstance(part, Piece):
+            return part.onnx
+        return extract(bundle(), f"in:{_stitch_name(*part)}", f"out:{_stitch_name(*part)}")
+
+    def module(part: Piece | tuple[str, str, int]) -> nn.Module:
+        return part.module() if isinstance(part, Piece) else stitches.modules[part]
+
+    return Piece(">".join(p.name for p in parts if isinstance(p, Piece)),
+                 content_key("run", [p.fingerprint if isinstance(p, Piece) else stitches.get(*p).fingerprint
+                                     for p in parts]),
+                 parts[0].input_shape, lambda: chain([graph(p) for p in parts]),
+                 lambda: nn.Sequential(*map(module, parts)))
 
 
 def segment_pieces(zoo: Sequence[Lowered], batch: int, cache: Cache) -> dict[tuple, Piece]:
@@ -205,10 +240,11 @@ def missing_error(target: Target, names: Sequence[str], why: str) -> DeryError:
 CHUNK = 32  # pieces measured together: their windows spread over time; saved (and resumed) per chunk
 
 
-def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStore, *, method: Method,
-                   on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
-                   ) -> tuple[dict[tuple, LatencyRecord], int]:
-    """Look every piece up in the store; measure what is missing (here) or hand it to `on_missing`."""
+def _lookup(items: dict[tuple, Piece], target: Target, store: ProfileStore,
+            on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None
+            ) -> tuple[dict[tuple, LatencyRecord], list[tuple], str | None, Backend]:
+    """(records found, keys to measure here, device, backend): stored records of `items`; when the target's
+    device is not here, any device's, and the rest from `on_missing` (none: an error naming them)."""
     backend = get_backend(target.backend)
     device, reason = availability(target)
     found: dict[tuple, LatencyRecord] = {}
@@ -224,7 +260,15 @@ def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStor
         if on_missing is None:
             raise missing_error(target, [items[k].name for k in todo], reason)
         found.update(on_missing({k: items[k] for k in todo}))
-        return found, 0
+        todo = []
+    return found, todo, device, backend
+
+
+def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStore, *, method: Method,
+                   on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
+                   ) -> tuple[dict[tuple, LatencyRecord], int]:
+    """Look every piece up in the store; measure what is missing (here) or hand it to `on_missing`."""
+    found, todo, device, backend = _lookup(items, target, store, on_missing)
     with progress.task(f"profiling on {target.name}", len(todo)) as advance:
         for start in range(0, len(todo), CHUNK):
             keys = todo[start:start + CHUNK]
@@ -236,14 +280,45 @@ def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStor
     return found, len(todo)
 
 
+def ensure_contexts(triples: dict[tuple, Piece], items: dict[tuple, Piece], target: Target, store: ProfileStore, *,
+                    method: Method, on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
+                    ) -> tuple[dict[tuple, LatencyRecord], int]:
+    """Records of the triples ("triple", a, b, c, j) with their context terms: the missing ones are measured
+    in one group per middle block, with their joints and that block from `items` (estimates carry none)."""
+    found, todo, device, backend = _lookup(triples, target, store, on_missing)
+    around: dict[tuple[str, int], list[tuple]] = {}
+    for key in todo:
+        around.setdefault((key[2], key[4] + 1), []).append(key)
+    with progress.task(f"profiling triples on {target.name}", len(todo)) as advance:
+        for (b, k), keys in around.items():
+            middle = ("block", b, k)
+            joints = list(dict.fromkeys(j for _, a, _, c, i in keys for j in (("joint", a, b, i), ("joint", b, c, k))))
+            records = dict(zip([*keys, middle, *joints], measure_pieces(
+                [*(triples[t] for t in keys), items[middle], *(items[j] for j in joints)], target, device, backend,
+                method, store.quickest_ms(group_of(target, device)))))
+            done = [dataclasses.replace(records[t], context_ms=records[t].median_ms + records[middle].median_ms
+                                        - records["joint", a, b, i].median_ms - records["joint", b, c, k].median_ms)
+                    for t in keys for _, a, _, c, i in [t]]
+            store.add_all(done)
+            found.update(zip(keys, done))
+            advance(len(keys), note=f"around {items[middle].name}")
+    return found, len(todo)
+
+
 def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, target: Target,
             store: ProfileStore, cache: Cache, *, method: Method = Method(),
             on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None) -> Costs:
-    """The profile pass: a latency record for every block, joint and zoo member."""
+    """The profile pass: a latency record for every block, joint, triple (with its context term) and zoo
+    member."""
     items = pieces(zoo, partition, stitches, target.batch, cache)
+    triples = {k: items.pop(k) for k in [k for k in items if k[0] == "triple"]}
     found, measured = ensure_records(items, target, store, method=method, on_missing=on_missing)
+    contexts, timed = ensure_contexts(triples, items, target, store, method=method, on_missing=on_missing)
+    found.update(contexts)
+    measured += timed
     return Costs({(k[1], k[2]): r for k, r in found.items() if k[0] == "block"},
                  {(k[1], k[2], k[3]): r for k, r in found.items() if k[0] == "joint"},
+                 {(k[1], k[2], k[3], k[4]): r for k, r in found.items() if k[0] == "triple"},
                  {k[1]: r for k, r in found.items() if k[0] == "network"},
                  measured, len(found) - measured)
 

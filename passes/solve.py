@@ -860,60 +860,78 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
                    batch: int = 1) -> Problem:
     """The reassembly search space as a dery.problem/1 instance.
 
-    Candidate `m[k]` is model m's block in set k; transition `a[j] -> b[j+1]` is the boundary
-    between them (through the fitted stitch when a != b). A candidate's latency is its block
-    median, a transition's is what its boundary adds in context (`Costs.boundary_ms`), both
-    put through the target's additivity calibration, which is linear, so the program stays
-    exact. Peak activation memory is a maximum over the pieces, not a sum, so `memory_mb`
-    removes the pieces above it instead of adding a row.
+    A candidate is model m's block in set k, entered from model p's block in set k - 1 (ids
+    `assembly_ids` gives), so that a transition `a[j] -> b[j+1]` knows the model before a and
+    prices its boundary with its context: what the boundary adds in context
+    (`Costs.boundary_ms`) plus what it adds together with the boundary before it
+    (`Costs.context_ms`); a candidate's latency is its block median. Both go through the
+    target's additivity calibration, which is linear, so the program stays exact. Peak
+    activation memory is a maximum over the pieces, not a sum, so `memory_mb` removes the
+    pieces above it instead of adding a row.
     """
     cal = calibration
-    candidates = []
+    fitting: dict[int, list[str]] = {}
     for k in range(partition.k):
-        fits = []
-        for m in partition.models:
-            block, rec = partition.block(m, k), costs.blocks[m, k]
-            act = activation_mb(block.activation_bytes, batch)
-            if memory_mb is not None and act > memory_mb:
-                continue
-            fits.append(Candidate(
-                f"{m}[{k}]", k, quality.unary[m, k],
-                {"latency_ms": cal.block_scale * rec.median_ms, "params": float(block.params),
-                 "flops": float(block.flops)},
-                {"model": m, "activation_mb": round(act, 6), **({"estimated": True} if rec.estimated else {})}))
-        if not fits:
+        fitting[k] = [m for m in partition.models
+                      if memory_mb is None or activation_mb(partition.block(m, k).activation_bytes, batch) <= memory_mb]
+        if not fitting[k]:
             least = min(activation_mb(partition.block(m, k).activation_bytes, batch) for m in partition.models)
             raise DeryError(f"no block of set {k} fits --memory-limit-mb {memory_mb:g}: the smallest needs "
                             f"{least:.3g} MB of activations at batch {batch}")
-        candidates.extend(fits)
-    kept = {c.id for c in candidates}
-    joins = []
+    joins: dict[tuple[str, str, int], tuple[float, dict, dict]] = {}
     for j in range(partition.k - 1):
-        for a in partition.models:
-            for b in partition.models:
-                if f"{a}[{j}]" not in kept or f"{b}[{j + 1}]" not in kept:
-                    continue
-                estimated = {"estimated": True} if costs.joints[a, b, j].estimated else {}
+        for a in fitting[j]:
+            for b in fitting[j + 1]:
                 if a == b:
-                    joins.append((a, b, j, 0.0, {"params": 0.0, "flops": 0.0}, estimated))
+                    joins[a, b, j] = (0.0, {"params": 0.0, "flops": 0.0}, {})
                     continue
                 st = stitches.get(a, b, j)
                 if st is None:
                     continue
                 act = activation_mb(stitch_activation_bytes(stitches, a, b, j), batch)
-                if memory_mb is not None and act > memory_mb:
-                    continue
-                joins.append((a, b, j, quality.pairwise[a, b, j],
-                              {"params": float(st.params), "flops": float(st.flops)},
-                              {"kind": st.kind, "r2": round(st.r2, 6), "activation_mb": round(act, 6), **estimated}))
-    latency = {(a, b, j): cal.boundary_ms(costs.boundary_ms(a, b, j), a != b) for a, b, j, *_ in joins}
+                if memory_mb is None or act <= memory_mb:
+                    joins[a, b, j] = (quality.pairwise[a, b, j], {"params": float(st.params), "flops": float(st.flops)},
+                                      {"kind": st.kind, "r2": round(st.r2, 6), "activation_mb": round(act, 6)})
+    entries = {(m, 0, None) for m in fitting[0]} | {(b, j + 1, a) for a, b, j in joins}
+    for k in range(1, partition.k):
+        if not any(e[1] == k for e in entries):
+            raise DeryError(f"no block of set {k} can follow one of set {k - 1} within --memory-limit-mb "
+                            f"{memory_mb:g}: every stitch between them needs more activation memory")
+    candidates = []
+    for m, k, before in sorted(entries, key=lambda e: (e[1], partition.models.index(e[0]), str(e[2]))):
+        block, rec = partition.block(m, k), costs.blocks[m, k]
+        candidates.append(Candidate(
+            _candidate_id(m, k, before), k, quality.unary[m, k],
+            {"latency_ms": cal.block_scale * rec.median_ms, "params": float(block.params), "flops": float(block.flops)},
+            {"model": m, "activation_mb": round(activation_mb(block.activation_bytes, batch), 6),
+             **({"estimated": True} if rec.estimated else {})}))
+    latency, extras = {}, {}
+    for (a, b, j), (_, _, extra) in joins.items():
+        for before in [None] if j == 0 else [p for p in fitting[j - 1] if (p, a, j - 1) in joins]:
+            used = [costs.joints[a, b, j]]
+            added = costs.boundary_ms(a, b, j)
+            if before is not None:
+                used.append(costs.triples[before, a, b, j - 1])
+                added += costs.context_ms(before, a, b, j - 1)
+            latency[before, a, b, j] = cal.boundary_ms(added, a != b)
+            extras[before, a, b, j] = {**extra, **({"estimated": True} if any(r.estimated for r in used) else {})}
     # Every assembly crosses exactly K-1 boundaries, so lifting each by the largest saving and lowering the
     # fixed latency by K-1 times it keeps every total exact and every figure non-negative, as the format needs.
     lift = max(0.0, -min(latency.values(), default=0.0))
-    transitions = [Transition(f"{a}[{j}]", f"{b}[{j + 1}]", score, {"latency_ms": latency[a, b, j] + lift, **res},
-                              extra) for a, b, j, score, res, extra in joins]
+    transitions = [Transition(_candidate_id(a, j, before), _candidate_id(b, j + 1, a), joins[a, b, j][0],
+                              {"latency_ms": ms + lift, **joins[a, b, j][1]}, extras[before, a, b, j])
+                   for (before, a, b, j), ms in latency.items()]
     fixed = {"latency_ms": cal.intercept_ms - (partition.k - 1) * lift, "params": 0.0, "flops": 0.0}
     return Problem(partition.k, tuple(candidates), tuple(transitions), fixed, dict(limits))
+
+
+def _candidate_id(model: str, k: int, before: str | None) -> str:
+    return f"{model}[{k}]" if before is None else f"{model}[{k}]<{before}"
+
+
+def assembly_ids(models: Sequence[str]) -> list[str]:
+    """The candidate ids of an assembly in a `search_problem`: each block with the model it is entered from."""
+    return [_candidate_id(m, k, models[k - 1] if k else None) for k, m in enumerate(models)]
 
 
 def stitch_activation_bytes(stitches: Stitches, a: str, b: str, j: int) -> int:
@@ -923,5 +941,12 @@ def stitch_activation_bytes(stitches: Stitches, a: str, b: str, j: int) -> int:
 
 
 def chosen_models(solution: Solution) -> tuple[str, ...]:
-    """The model of each set in a solution of a `search_problem`."""
-    return tuple(cid.rsplit("[", 1)[0] for cid in solution.chosen)
+    """The model of each set in a solution of a `search_problem` (the inverse of `assembly_ids`: each id ends
+    with its set and the model before it, which the previous id gave)."""
+    models: list[str] = []
+    for k, cid in enumerate(solution.chosen):
+        suffix = _candidate_id("", k, models[-1] if models else None)
+        if not cid.endswith(suffix):
+            raise DeryError(f"internal: {cid!r} is not a candidate of set {k} after {models}")
+        models.append(cid[:-len(suffix)])
+    return tuple(models)

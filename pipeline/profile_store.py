@@ -26,9 +26,10 @@ from .errors import USAGE, DeryError
 from .ir import LatencyRecord, from_json, to_json
 from .targets import Target
 
-SCHEMA = "dery.profile/3"
+SCHEMA = "dery.profile/4"
 OLDER = {"dery.profile/1": "pieces timed in one window each, stitches alone",
-         "dery.profile/2": "records without the reference graph's time, so slow spells went unnoticed"}
+         "dery.profile/2": "records without the reference graph's time, so slow spells went unnoticed",
+         "dery.profile/3": "calibration points fitted to sums without the triples' context terms"}
 Group = tuple[str, str, str, str, str, int]
 
 
@@ -64,7 +65,8 @@ class Calibration:
     """engine ~= intercept + block_scale * sum(blocks) + boundary_scale * sum(boundaries) + per_stitch * #stitches.
 
     A boundary is what it adds in context (`Costs.boundary_ms`: its joint less
-    its two blocks), so the plain sum already holds one call overhead and the
+    its two blocks, and `Costs.context_ms`: with its neighbour, their triple less
+    their joints), so the plain sum already holds one call overhead and the
     fusion at every boundary; the four terms take up what is left (a whole
     engine's cache pressure, what a stitch costs beyond its joint), fitted to
     relative error and shrunk towards the plain sum (0, 1, 1, 0) so that a

@@ -40,8 +40,7 @@ def build_report(s: Session, final: Result, rounds: list[dict], status: str, par
     stitches = [st for st in a.stitches if st is not None]
     params = sum(b.params for b in a.blocks) + sum(st.params for st in stitches)
     flops = sum(b.flops for b in a.blocks) + sum(st.flops for st in stitches)
-    estimated = any(s.costs.blocks[m, k].estimated for k, m in enumerate(final.models)) or any(
-        s.costs.joints[left, right, j].estimated for j, (left, right) in enumerate(zip(final.models, final.models[1:])))
+    estimated = any(r.estimated for r in s.costs.used(final.models))
     return {
         "schema": SCHEMA,
         "dery_version": dery.__version__,

@@ -16,6 +16,7 @@ from dery.ir import LatencyRecord, to_json
 from dery.measure import Method, measure, measure_all, summarize
 from dery.passes import profile as profile_pass
 from dery.passes.profile import ensure_records, pieces
+from dery.passes.solve import Solution, assembly_ids, chosen_models
 from dery.profile_store import SCHEMA, ProfileStore, merge_tables
 from dery.targets import get_target
 
@@ -74,13 +75,15 @@ def test_summary_statistics() -> None:
     assert t.spread == pytest.approx(7.0 / 3.0 - 1.0) and t.noisy and t.windows_median_ms == 5.0
 
 
-def test_every_extracted_block_and_joint_equals_its_torch_module(tiny) -> None:
+def test_every_extracted_piece_equals_its_torch_module(tiny) -> None:
     items = pieces(tiny.lowered, tiny.partition, tiny.stitches, 1, tiny.cache)
     kinds = {k[0] for k in items}
-    assert kinds == {"block", "joint", "network"}
+    assert kinds == {"block", "joint", "triple", "network"}
     assert sum(k[0] == "block" for k in items) == 3 * len(tiny.lowered)
-    assert {k[1:] for k in items if k[0] == "joint"} == {(a, a, j) for a in tiny.partition.models for j in (0, 1)} | {
-        key for key in tiny.stitches.modules}
+    joints = {k[1:] for k in items if k[0] == "joint"}
+    assert joints == {(a, a, j) for a in tiny.partition.models for j in (0, 1)} | set(tiny.stitches.modules)
+    assert {k[1:] for k in items if k[0] == "triple"} == {
+        (a, b, c, 0) for a, b, j in joints for c in tiny.partition.models if j == 0 and (b, c, 1) in joints}
     for key, piece in items.items():
         sess = ort.InferenceSession(piece.onnx.SerializeToString(), providers=["CPUExecutionProvider"])
         x = torch.rand(1, *piece.input_shape, generator=torch.Generator().manual_seed(0))
@@ -160,7 +163,7 @@ def test_damaged_store_is_reported_by_path_and_left_alone(tmp_path, content) -> 
     assert path.read_text() == content
 
 
-@pytest.mark.parametrize("schema", ["dery.profile/1", "dery.profile/2"])
+@pytest.mark.parametrize("schema", ["dery.profile/1", "dery.profile/2", "dery.profile/3"])
 def test_a_table_from_an_older_dery_is_refused_by_name_and_left_alone(tmp_path, schema) -> None:
     from dery.cache import Cache
 
@@ -268,12 +271,73 @@ def test_the_program_prices_every_assembly_at_its_calibrated_in_context_sum(tiny
     joins = {(t.source, t.target) for t in problem.transitions}
     priced = 0
     for models in itertools.product(tiny.partition.models, repeat=tiny.partition.k):
-        chosen = [f"{m}[{j}]" for j, m in enumerate(models)]
+        chosen = assembly_ids(models)
         if all(pair in joins for pair in zip(chosen, chosen[1:])):
+            assert chosen_models(Solution("optimal", tuple(chosen))) == models
             want = tiny.calibration.predict(*tiny.costs.sums(models), switches(models))
             assert problem.evaluate(chosen)[1]["latency_ms"] == pytest.approx(want, rel=1e-9, abs=1e-12)
             priced += 1
     assert priced > len(tiny.partition.models)
+
+
+def test_an_assembly_adds_its_blocks_boundaries_and_context_terms(tiny) -> None:
+    assert tiny.partition.k == 3 and tiny.costs.triples
+    for (a, b, c, _), rec in tiny.costs.triples.items():
+        blocks, boundaries = tiny.costs.sums((a, b, c))
+        assert blocks == sum(tiny.costs.blocks[m, k].median_ms for k, m in enumerate((a, b, c)))
+        assert boundaries == pytest.approx(tiny.costs.boundary_ms(a, b, 0) + tiny.costs.boundary_ms(b, c, 1)
+                                           + rec.context_ms, rel=1e-12, abs=1e-15)
+        assert tiny.costs.sums((a, b, c), contexts=False)[1] == pytest.approx(boundaries - rec.context_ms, abs=1e-15)
+        assert tiny.costs.used((a, b, c)) == [tiny.costs.blocks[a, 0], tiny.costs.blocks[b, 1],
+                                              tiny.costs.blocks[c, 2], tiny.costs.joints[a, b, 0],
+                                              tiny.costs.joints[b, c, 1], rec]
+
+
+def test_context_terms_are_timed_in_one_group_so_a_change_of_speed_cancels(tiny, tmp_path, monkeypatch) -> None:
+    """Scripted pieces: each has a fixed time, and every measurement group runs at its own speed. A triple's
+    context term must be its group's (triple + middle - joints, all at one speed); taking the joints and the
+    block from their own records, measured at another speed, is the control that gets it wrong."""
+    from dery.backends import onnxruntime as ob
+    from dery.cache import Cache
+    from dery.passes.profile import ensure_contexts
+
+    items = pieces(tiny.lowered, tiny.partition, tiny.stitches, 1, tiny.cache)
+    triples = {k: items.pop(k) for k in [k for k in items if k[0] == "triple"]}
+    rng = np.random.default_rng(0)
+    span = {"block": 1.0, "network": 4.0, "joint": 2.0, "triple": 3.0}  # joints outweigh a block: controls err
+    base = {p.fingerprint: float(rng.uniform(span[k[0]], span[k[0]] + 1)) for k, p in [*items.items(),
+                                                                                      *triples.items()]}
+    speed, groups = [1.0], []
+
+    def scripted(piece, tgt):
+        if piece.name == "reference":
+            speed[0] *= 1.25
+            groups.append(speed[0])
+            return lambda: 4.0
+        return lambda: base[piece.fingerprint] * speed[0]
+
+    monkeypatch.setattr(ob, "step", scripted)
+    store = ProfileStore(Cache(tmp_path), "cpu")
+    records, _ = ensure_records(items, get_target("cpu"), store, method=QUICK)
+    found, measured = ensure_contexts(triples, items, get_target("cpu"), store, method=QUICK)
+    first = -(-len(items) // profile_pass.CHUNK)
+    assert measured == len(triples) and len(groups) == first + len({(k[2], k[4]) for k in triples})
+    wrong = 0
+    for (_, a, b, c, j), rec in found.items():
+        ms = {k: base[items[k].fingerprint] for k in [("block", b, j + 1), ("joint", a, b, j), ("joint", b, c, j + 1)]}
+        ratio = rec.median_ms / base[triples["triple", a, b, c, j].fingerprint]
+        own = min(groups[first:], key=lambda g: abs(g - ratio))
+        assert ratio == pytest.approx(own, rel=1e-12)
+        truth = base[triples["triple", a, b, c, j].fingerprint] + ms["block", b, j + 1] - ms["joint", a, b, j] \
+            - ms["joint", b, c, j + 1]
+        assert rec.context_ms == pytest.approx(own * truth, rel=1e-12, abs=1e-12)
+        control = rec.median_ms + records["block", b, j + 1].median_ms - records["joint", a, b, j].median_ms \
+            - records["joint", b, c, j + 1].median_ms
+        wrong += abs(control - own * truth) > 0.05
+    assert wrong == len(found)
+    again, measured = ensure_contexts(triples, items, get_target("cpu"), ProfileStore(Cache(tmp_path), "cpu"),
+                                      method=QUICK)
+    assert measured == 0 and again == found
 
 
 def test_boundaries_in_context_bring_block_sums_to_the_whole_network(tiny) -> None:

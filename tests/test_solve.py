@@ -12,9 +12,12 @@ from dery.errors import DeryError
 from dery.passes.solve import (
     Candidate,
     Problem,
+    Solution,
     Transition,
+    assembly_ids,
     best_solutions,
     brute_force,
+    chosen_models,
     max_achievable,
     min_achievable,
     random_problem,
@@ -354,3 +357,12 @@ def test_a_negative_fixed_term_is_a_correction_that_counts_in_totals_and_limits(
     sol = solve(Problem.from_json(doc))
     assert sol.chosen == ("b0", "a1") and sol.totals["latency_ms"] == pytest.approx(2.5)
     assert brute_force(Problem.from_json(doc)).objective == sol.objective
+
+
+@pytest.mark.parametrize("models", [("a", "b", "a"), ("x[0]<y", "x", "x[1]<x[0]<y"), ("m",), ("b]<", "b", "b]<")])
+def test_assembly_ids_are_unique_per_context_and_map_back_to_their_models(models):
+    ids = assembly_ids(models)
+    assert chosen_models(Solution("optimal", tuple(ids))) == models
+    assert ids[1:] == [f"{m}[{k}]<{models[k - 1]}" for k, m in enumerate(models) if k]
+    other = assembly_ids(("z", *models[1:]))
+    assert (ids[1] != other[1]) if len(models) > 1 else ids == ["m[0]"]
