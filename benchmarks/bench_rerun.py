@@ -57,7 +57,7 @@ def main() -> None:
         "# The main command twice (`benchmarks/bench_rerun.py`)", "",
         f"`{doc['command']}` on an empty cache, then again. Machine: {doc['machine']}.", "",
         "| run | wall time |", "|---|---|",
-        f"| first (trains the zoo, measures every block and joint) | {first_s:.1f} s |",
+        f"| first (trains the zoo, measures every block, joint and triple) | {first_s:.1f} s |",
         f"| second (everything from the cache) | {second_s:.1f} s |",
         f"| ratio | **{doc['speedup']:.1f}x** |", "",
         f"Same assembly ({' > '.join(doc['assembly'])}); report.json byte-identical: {same}.", ""])

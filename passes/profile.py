@@ -284,8 +284,14 @@ def ensure_contexts(triples: dict[tuple, Piece], items: dict[tuple, Piece], targ
                     method: Method, on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
                     ) -> tuple[dict[tuple, LatencyRecord], int]:
     """Records of the triples ("triple", a, b, c, j) with their context terms: the missing ones are measured
-    in one group per middle block, with their joints and that block from `items` (estimates carry none)."""
+    in one group per middle block, with their joints and that block from `items` (estimates carry none).
+
+    A context term is a balanced difference (triple and middle block less two joints of about their size)
+    within one group, so a slow spell that slows the whole group cancels out of it as a change of speed
+    between groups does: these groups take no extra rounds for it.
+    """
     found, todo, device, backend = _lookup(triples, target, store, on_missing)
+    method = dataclasses.replace(method, slow_rounds=0)
     around: dict[tuple[str, int], list[tuple]] = {}
     for key in todo:
         around.setdefault((key[2], key[4] + 1), []).append(key)

@@ -294,12 +294,16 @@ def test_an_assembly_adds_its_blocks_boundaries_and_context_terms(tiny) -> None:
 
 
 def test_context_terms_are_timed_in_one_group_so_a_change_of_speed_cancels(tiny, tmp_path, monkeypatch) -> None:
-    """Scripted pieces: each has a fixed time, and every measurement group runs at its own speed. A triple's
-    context term must be its group's (triple + middle - joints, all at one speed); taking the joints and the
-    block from their own records, measured at another speed, is the control that gets it wrong."""
+    """Scripted pieces: each has a fixed time, and every measurement group runs at its own, slower speed (the
+    reference too). A triple's context term must be its group's (triple + middle - joints, all at one speed);
+    taking the joints and the block from their own records, measured at another speed, is the control that
+    gets it wrong."""
+    from dery import measure as measure_module
     from dery.backends import onnxruntime as ob
     from dery.cache import Cache
     from dery.passes.profile import ensure_contexts
+
+    real_window = measure_module._window
 
     items = pieces(tiny.lowered, tiny.partition, tiny.stitches, 1, tiny.cache)
     triples = {k: items.pop(k) for k in [k for k in items if k[0] == "triple"]}
@@ -313,15 +317,21 @@ def test_context_terms_are_timed_in_one_group_so_a_change_of_speed_cancels(tiny,
         if piece.name == "reference":
             speed[0] *= 1.25
             groups.append(speed[0])
-            return lambda: 4.0
+            return lambda: 4.0 * speed[0]
         return lambda: base[piece.fingerprint] * speed[0]
 
     monkeypatch.setattr(ob, "step", scripted)
     store = ProfileStore(Cache(tmp_path), "cpu")
     records, _ = ensure_records(items, get_target("cpu"), store, method=QUICK)
+    windows = []
+    monkeypatch.setattr(measure_module, "_window", lambda step, method: windows.append(1) or real_window(step, method))
     found, measured = ensure_contexts(triples, items, get_target("cpu"), store, method=QUICK)
+    middles = {(k[2], k[4]) for k in triples}
+    companions = sum(1 + len({("j", a) for _, a, bb, _, i in triples if (bb, i) == m}
+                             | {("k", c) for _, _, bb, c, i in triples if (bb, i) == m}) for m in middles)
+    assert len(windows) == QUICK.windows * (len(triples) + companions + len(middles))  # + a reference per group
     first = -(-len(items) // profile_pass.CHUNK)
-    assert measured == len(triples) and len(groups) == first + len({(k[2], k[4]) for k in triples})
+    assert measured == len(triples) and len(groups) == first + len(middles)
     wrong = 0
     for (_, a, b, c, j), rec in found.items():
         ms = {k: base[items[k].fingerprint] for k in [("block", b, j + 1), ("joint", a, b, j), ("joint", b, c, j + 1)]}
@@ -335,6 +345,7 @@ def test_context_terms_are_timed_in_one_group_so_a_change_of_speed_cancels(tiny,
             - records["joint", b, c, j + 1].median_ms
         wrong += abs(control - own * truth) > 0.05
     assert wrong == len(found)
+    assert all("in a slow spell" in rec.how for rec in found.values())  # flagged, and no extra rounds above
     again, measured = ensure_contexts(triples, items, get_target("cpu"), ProfileStore(Cache(tmp_path), "cpu"),
                                       method=QUICK)
     assert measured == 0 and again == found
