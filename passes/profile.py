@@ -287,11 +287,10 @@ def ensure_contexts(triples: dict[tuple, Piece], items: dict[tuple, Piece], targ
     in one group per middle block, with their joints and that block from `items` (estimates carry none).
 
     A context term is a balanced difference (triple and middle block less two joints of about their size)
-    within one group, so a slow spell that slows the whole group cancels out of it as a change of speed
-    between groups does: these groups take no extra rounds for it.
+    within one group, so a change of speed between groups cancels out of it; a slow spell inside a group
+    does not always (it can catch one piece in every window), so these groups take its extra rounds too.
     """
     found, todo, device, backend = _lookup(triples, target, store, on_missing)
-    method = dataclasses.replace(method, slow_rounds=0)
     around: dict[tuple[str, int], list[tuple]] = {}
     for key in todo:
         around.setdefault((key[2], key[4] + 1), []).append(key)
