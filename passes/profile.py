@@ -301,9 +301,9 @@ def ensure_contexts(triples: dict[tuple, Piece], items: dict[tuple, Piece], targ
             records = dict(zip([*keys, middle, *joints], measure_pieces(
                 [*(triples[t] for t in keys), items[middle], *(items[j] for j in joints)], target, device, backend,
                 method, store.quickest_ms(group_of(target, device)))))
-            done = [dataclasses.replace(records[t], context_ms=records[t].median_ms + records[middle].median_ms
-                                        - records["joint", a, b, i].median_ms - records["joint", b, c, k].median_ms)
-                    for t in keys for _, a, _, c, i in [t]]
+            ms = {key: rec.median_ms for key, rec in records.items()}
+            done = [dataclasses.replace(records[t], context_ms=ms[t] + ms[middle] - ms["joint", t[1], b, t[4]]
+                                        - ms["joint", b, t[3], k]) for t in keys]
             store.add_all(done)
             found.update(zip(keys, done))
             advance(len(keys), note=f"around {items[middle].name}")
