@@ -46,8 +46,8 @@ def neighbours(seconds: float) -> Iterator[None]:
             p.wait()
 
 
-def pieces() -> list:
-    """The networks as pieces (exported once)."""
+def pieces(size: int = 224) -> list:
+    """The networks at `size` px as pieces (exported once)."""
     import timm
     import torch
     from dery.backends import Piece
@@ -56,8 +56,8 @@ def pieces() -> list:
     out = []
     for name in NETWORKS:
         model = timm.create_model(name, pretrained=False).eval()
-        graph = export(model, [torch.rand(1, 3, 224, 224)], ["x"], ["y"])
-        out.append(Piece(name, name, (3, 224, 224), lambda g=graph: g, lambda m=model: m))
+        graph = export(model, [torch.rand(1, 3, size, size)], ["x"], ["y"])
+        out.append(Piece(f"{name}@{size}", f"{name}@{size}", (3, size, size), lambda g=graph: g, lambda m=model: m))
     return out
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     import torch
     from dery.backends import get_backend
     from dery.measure import Method
-    from dery.reference import SLOW, measure_referenced, reference_piece
+    from dery.reference import SLOW, Pace, measure_referenced, reference_piece
     from dery.targets import get_target
 
     torch.set_num_threads(2)
@@ -81,8 +81,8 @@ def main() -> None:
 
     def group(method: Method, quickest: float | None) -> dict:
         t0 = time.perf_counter()
-        timings, ref, slow = measure_referenced(steps, reference, method, quickest)
-        return {"ms": [t.median_ms for t in timings], "reference_ms": ref, "flagged_slow": slow,
+        timings, ref, _, slow = measure_referenced(steps, reference, method, Pace(quickest))
+        return {"ms": [min(t.window_medians) for t in timings], "reference_ms": ref, "flagged_slow": slow,
                 "windows": timings[0].windows, "seconds": time.perf_counter() - t0}
 
     without = Method(slow_rounds=0)

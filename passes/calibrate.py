@@ -24,7 +24,7 @@ from pathlib import Path
 from dery import progress
 from dery.backends import availability, get_backend
 from dery.ir import Partition
-from dery.measure import Method
+from dery.measure import Method, Timing
 from dery.passes.assemble import assemble
 from dery.passes.compile import compile_engine
 from dery.passes.lower import Lowered
@@ -32,7 +32,7 @@ from dery.passes.profile import CHUNK, Costs
 from dery.passes.stitch import Stitches
 from dery.passes.verify import identity
 from dery.profile_store import Calibration, CalibrationPoint, ProfileStore, group_of
-from dery.reference import measure_referenced, reference_piece
+from dery.reference import Pace, measure_referenced, reference_piece
 from dery.targets import Target
 
 
@@ -59,11 +59,12 @@ def random_assemblies(partition: Partition, stitches: Stitches, n: int, seed: in
 def engine_latencies(assemblies: Sequence[tuple[str, ...]], zoo: Sequence[Lowered], partition: Partition,
                      stitches: Stitches, target: Target, method: Method = Method(),
                      advance: Callable[..., None] = lambda n=1, note=None: None,
-                     quickest_ms: float | None = None) -> list[tuple[float, float]]:
+                     pace: Pace = Pace()) -> list[tuple[Timing, float, float]]:
     """Compile assemblies into engines in a scratch directory and measure them end to end, `CHUNK` at a time
-    together with the reference graph, as pieces are measured: (median ms, the group's reference ms) each."""
+    together with the reference graph, as pieces are measured: (timing with its median at the anchor's speed,
+    the group's reference ms, the anchor) each."""
     backend = get_backend(target.backend)
-    out: list[tuple[float, float]] = []
+    out: list[tuple[Timing, float, float]] = []
     for start in range(0, len(assemblies), CHUNK):
         with tempfile.TemporaryDirectory(prefix="dery-cal-") as tmp:
             steps = []
@@ -72,9 +73,9 @@ def engine_latencies(assemblies: Sequence[tuple[str, ...]], zoo: Sequence[Lowere
                 engine = compile_engine(module, zoo[0].network.input_shape, target, Path(tmp), name=f"assembly{i}")
                 steps.append(backend.engine_step(engine.path, target))
                 advance()
-            timings, reference_ms, _ = measure_referenced(steps, backend.step(reference_piece(), target), method,
-                                                          quickest_ms)
-            out += [(t.median_ms, reference_ms) for t in timings]
+            timings, reference_ms, anchor_ms, _ = measure_referenced(
+                steps, backend.step(reference_piece(), target), method, pace)
+            out += [(t, reference_ms, anchor_ms) for t in timings]
     return out
 
 
@@ -95,16 +96,16 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
     mixed = random_assemblies(partition, stitches, assemblies, seed)
     ids = {m: identity(m, partition, stitches, zoo) for m in [*members, *mixed]}
 
-    def point(models: tuple[str, ...], measured: float) -> CalibrationPoint:
+    def point(models: tuple[str, ...], measured: float, anchor_ms: float) -> CalibrationPoint:
         blocks, boundaries = costs.sums(models)
-        return CalibrationPoint(*group, ids[models], blocks, boundaries, switches(models), measured, when)
+        return CalibrationPoint(*group, ids[models], blocks, boundaries, switches(models), measured, when, anchor_ms)
 
-    store.add_points(point(m, costs.networks[m[0]].median_ms) for m in members if ids[m] not in known)
+    store.add_points(point(m, costs.networks[m[0]].median_ms, costs.networks[m[0]].anchor_ms) for m in members
+                     if ids[m] not in known)
     todo = [m for m in mixed if ids[m] not in known]
     with progress.task("calibrating", len(todo)) as advance:
-        measured = engine_latencies(todo, zoo, partition, stitches, target, advance=advance,
-                                    quickest_ms=store.quickest_ms(group))
-        store.add_points(point(m, ms) for m, (ms, _) in zip(todo, measured))
+        measured = engine_latencies(todo, zoo, partition, stitches, target, advance=advance, pace=store.pace(group))
+        store.add_points(point(m, t.median_ms, anchor) for m, (t, _, anchor) in zip(todo, measured))
     return store.calibration(group, set(ids.values()))
 
 

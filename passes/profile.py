@@ -46,7 +46,7 @@ from dery.onnx_graph import INPUT, OUTPUT, chain, cut_tensor, export, extract
 from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
 from dery.profile_store import ProfileStore, group_of
-from dery.reference import measure_referenced, reference_piece
+from dery.reference import Pace, measure_referenced, reference_piece
 from dery.targets import Target
 
 
@@ -216,16 +216,16 @@ def probe_record(piece: Piece, target: Target, device: str, backend: Backend) ->
 
 
 def measure_pieces(items: Sequence[Piece], target: Target, device: str, backend: Backend, method: Method,
-                   quickest_ms: float | None) -> list[LatencyRecord]:
+                   pace: Pace) -> list[LatencyRecord]:
     """Measure pieces together now, with the reference graph (their windows in turn, see dery.measure and
     dery.reference), and return their records."""
-    timings, reference_ms, slow = measure_referenced([backend.step(p, target) for p in items],
-                                                     backend.step(reference_piece(), target), method, quickest_ms)
+    timings, reference_ms, anchor_ms, slow = measure_referenced(
+        [backend.step(p, target) for p in items], backend.step(reference_piece(), target), method, pace)
     when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     return [LatencyRecord(p.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
                           target.batch, (target.batch, *p.input_shape), t.median_ms, t.p90_ms, t.min_ms, t.cv,
                           t.runs, when, method.describe() + ("; noisy" if t.noisy else "")
-                          + ("; in a slow spell" if slow else ""), reference_ms=reference_ms)
+                          + ("; in a slow spell" if slow else ""), reference_ms=reference_ms, anchor_ms=anchor_ms)
             for p, t in zip(items, timings)]
 
 
@@ -273,11 +273,15 @@ def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStor
         for start in range(0, len(todo), CHUNK):
             keys = todo[start:start + CHUNK]
             records = measure_pieces([items[k] for k in keys], target, device, backend, method,
-                                     store.quickest_ms(group_of(target, device)))
+                                     store.pace(group_of(target, device)))
             store.add_all(records)
             found.update(zip(keys, records))
             advance(len(keys), note=items[keys[-1]].name)
     return found, len(todo)
+
+
+ODD = 0.2  # a companion this far off its own record, or a context term this large a share of its triple
+RETRIES = 2  # more measurements of a context group with an odd piece
 
 
 def ensure_contexts(triples: dict[tuple, Piece], items: dict[tuple, Piece], target: Target, store: ProfileStore, *,
@@ -288,7 +292,9 @@ def ensure_contexts(triples: dict[tuple, Piece], items: dict[tuple, Piece], targ
 
     A context term is a balanced difference (triple and middle block less two joints of about their size)
     within one group, so a change of speed between groups cancels out of it; a slow spell inside a group
-    does not always (it can catch one piece in every window), so these groups take its extra rounds too.
+    does not always (it can catch one piece in every window), so these groups take its extra rounds too, and
+    a group with an odd piece - a companion more than `ODD` off its own record, or a context term more than
+    `ODD` of its triple - is measured again (up to `RETRIES` times), keeping the first measurement without one.
     """
     found, todo, device, backend = _lookup(triples, target, store, on_missing)
     around: dict[tuple[str, int], list[tuple]] = {}
@@ -298,12 +304,17 @@ def ensure_contexts(triples: dict[tuple, Piece], items: dict[tuple, Piece], targ
         for (b, k), keys in around.items():
             middle = ("block", b, k)
             joints = list(dict.fromkeys(j for _, a, _, c, i in keys for j in (("joint", a, b, i), ("joint", b, c, k))))
-            records = dict(zip([*keys, middle, *joints], measure_pieces(
-                [*(triples[t] for t in keys), items[middle], *(items[j] for j in joints)], target, device, backend,
-                method, store.quickest_ms(group_of(target, device)))))
-            ms = {key: rec.median_ms for key, rec in records.items()}
-            done = [dataclasses.replace(records[t], context_ms=ms[t] + ms[middle] - ms["joint", t[1], b, t[4]]
-                                        - ms["joint", b, t[3], k]) for t in keys]
+            known = {c: store.get(probe_record(items[c], target, device, backend)) for c in [middle, *joints]}
+            for _ in range(RETRIES + 1):
+                records = dict(zip([*keys, middle, *joints], measure_pieces(
+                    [*(triples[t] for t in keys), items[middle], *(items[j] for j in joints)], target, device,
+                    backend, method, store.pace(group_of(target, device)))))
+                ms = {key: rec.median_ms for key, rec in records.items()}
+                context = {t: ms[t] + ms[middle] - ms["joint", t[1], b, t[4]] - ms["joint", b, t[3], k] for t in keys}
+                if all(abs(context[t]) <= ODD * ms[t] for t in keys) and all(
+                        rec is None or abs(ms[c] / rec.median_ms - 1) <= ODD for c, rec in known.items()):
+                    break
+            done = [dataclasses.replace(records[t], context_ms=context[t]) for t in keys]
             store.add_all(done)
             found.update(zip(keys, done))
             advance(len(keys), note=f"around {items[middle].name}")

@@ -19,7 +19,7 @@ from dery.ir import Partition
 from dery.measure import Method, Timing, measure
 from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
-from dery.reference import measure_referenced, reference_piece
+from dery.reference import Pace, measure_referenced, reference_piece
 from dery.targets import Target, get_target, local_device_name
 
 
@@ -32,16 +32,16 @@ def identity(models: Sequence[str], partition: Partition, stitches: Stitches, zo
 
 
 def measure_engine(path: Path, identity: str, target: Target, cache: Cache, method: Method = Method(),
-                   quickest_ms: float | None = None) -> Timing:
-    """End-to-end latency of an engine file (the verify pass), cached by assembly identity; `quickest_ms` is
-    the quickest the reference graph has run on this device (dery.reference)."""
+                   pace: Pace = Pace()) -> Timing:
+    """End-to-end latency of an engine file (the verify pass) at the speed of the device's anchor, cached by
+    assembly identity and anchor; `pace` is what the profile says about the device's speed (dery.reference)."""
     backend = get_backend(target.backend)
     key = content_key("verify", identity, target.name, local_device_name(target), backend.NAME, backend.version(),
-                      target.precision, target.batch, target.threads, method)
+                      target.precision, target.batch, target.threads, method, pace.anchor_ms)
 
     def make() -> dict:
-        (timing,), _, _ = measure_referenced([backend.engine_step(path, target)],
-                                             backend.step(reference_piece(), target), method, quickest_ms)
+        (timing,), _, _, _ = measure_referenced([backend.engine_step(path, target)],
+                                                backend.step(reference_piece(), target), method, pace)
         return timing.__dict__
 
     return Timing(**cache.json("verify", key, make, what="engine measurement"))

@@ -340,7 +340,7 @@ class Search:
             return Result(solution, models, assembly, module, engine, None, proxy, refinement)
         with stage("verify", s.timings):
             timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered), s.target,
-                                    s.cache, quickest_ms=s.store.quickest_ms(group_of(s.target, s.device)))
+                                    s.cache, pace=s.store.pace(group_of(s.target, s.device)))
         return Result(solution, models, assembly, module, engine, timing, proxy, refinement)
 
     def refine(self, module) -> dict | None:

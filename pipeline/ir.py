@@ -106,8 +106,9 @@ class Stitch:
 @dataclass(frozen=True)
 class LatencyRecord:
     """One measured (or estimated) latency, keyed by what decides it, with the time the reference graph took
-    in the same measurement group (0 for estimates; see dery.reference). A triple's record also holds its
-    context term, timed in one group with its two joints and its middle block (0 for estimates)."""
+    in the same measurement group and the anchor its median is expressed at (0 for estimates; see
+    dery.reference). A triple's record also holds its context term, timed in one group with its two joints and
+    its middle block (0 for estimates)."""
 
     fingerprint: str
     target: str
@@ -127,6 +128,7 @@ class LatencyRecord:
     estimated: bool = False
     reference_ms: float = 0.0
     context_ms: float = 0.0
+    anchor_ms: float = 0.0
 
     @property
     def key(self) -> str:

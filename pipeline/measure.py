@@ -58,7 +58,8 @@ FAST = Method(windows=2, warmup_s=0.01, min_iters=10, window_s=0.02, extra_windo
 class Timing:
     """Summary of one measurement, in milliseconds: the fastest window's median, p90, mean and cv, the minimum
     over every call, all calls made, the windows taken, the relative gap between the two fastest windows, and
-    the median over the windows' medians (what a typical window saw)."""
+    the median over the windows' medians (what a typical window saw); then every window's median and start
+    (seconds on the host's monotonic clock), in the order taken, which dery.reference pairs with its own."""
 
     median_ms: float
     p90_ms: float
@@ -70,10 +71,12 @@ class Timing:
     spread: float
     noisy: bool
     windows_median_ms: float
+    window_medians: tuple[float, ...] = ()
+    window_starts: tuple[float, ...] = ()
 
 
-def summarize(windows: Sequence[np.ndarray], max_spread: float) -> Timing:
-    """Statistics of the per-call times of each window (one array per window)."""
+def summarize(windows: Sequence[np.ndarray], max_spread: float, starts: Sequence[float] = ()) -> Timing:
+    """Statistics of the per-call times of each window (one array per window, started at `starts`)."""
     medians = np.array([np.median(w) for w in windows])
     order = np.argsort(medians, kind="stable")
     best = np.asarray(windows[order[0]], dtype=np.float64)
@@ -82,7 +85,8 @@ def summarize(windows: Sequence[np.ndarray], max_spread: float) -> Timing:
         else 0.0
     return Timing(float(medians[order[0]]), float(np.percentile(best, 90)), float(min(np.min(w) for w in windows)),
                   mean, float(best.std() / mean) if mean > 0 else 0.0, int(sum(len(w) for w in windows)),
-                  len(windows), spread, spread > max_spread, float(np.median(medians)))
+                  len(windows), spread, spread > max_spread, float(np.median(medians)),
+                  tuple(map(float, medians)), tuple(map(float, starts)))
 
 
 def _window(step: Step, method: Method) -> np.ndarray:
@@ -102,25 +106,31 @@ def _window(step: Step, method: Method) -> np.ndarray:
 
 
 def measure_all(steps: Sequence[Step], method: Method = Method(),
-                settled: Callable[[list[Timing]], bool] = lambda timings: True) -> list[Timing]:
+                settled: Callable[[list[Timing]], bool] = lambda timings: True, pacer: int | None = None
+                ) -> list[Timing]:
     """Time several steps by the shared method, their windows taken in turn (round robin); then more rounds
-    of windows for every step while `settled` says the machine ran slow."""
+    of windows for every step while `settled` says the machine ran slow. The step `pacer` (the reference
+    graph) takes every round, so every other window has one of its windows next to it."""
     windows: list[list[np.ndarray]] = [[] for _ in steps]
+    starts: list[list[float]] = [[] for _ in steps]
 
     def round_robin(indices: list[int], r: int) -> None:
         for i in indices if r % 2 == 0 else indices[::-1]:
+            starts[i].append(time.perf_counter())
             windows[i].append(_window(steps[i], method))
 
     todo = list(range(len(steps)))
     for r in range(method.windows + method.extra_windows):
         if r >= method.windows:
             todo = [i for i in todo if summarize(windows[i], method.max_spread).noisy]
+            if todo and pacer is not None and pacer not in todo:
+                todo = [pacer, *todo]
         round_robin(todo, r)
     for r in range(method.slow_rounds):
         if settled([summarize(w, method.max_spread) for w in windows]):
             break
         round_robin(list(range(len(steps))), r)
-    return [summarize(w, method.max_spread) for w in windows]
+    return [summarize(w, method.max_spread, s) for w, s in zip(windows, starts)]
 
 
 def measure(step: Step, method: Method = Method()) -> Timing:

@@ -4,7 +4,10 @@ Records are keyed by what decides a latency: block fingerprint, target, device
 name, backend and its version, precision, batch and input shape. Calibration
 points are whole-engine measurements of assemblies next to the sums of their
 block and stitch records; the correction model is fitted from them when asked
-(never stored twice). Two sources are read: tables shipped with dery
+(never stored twice). Latencies are at the speed of their device's anchor
+(dery.reference); a table merged from another machine of the same device name
+brings its own anchor, and its entries are rescaled to the store's on reading.
+Two sources are read: tables shipped with dery
 (profiles/<target>/*.json) and the user's own measurements
 (<cache>/profiles/<target>.json). Every new record or point is written at once,
 atomically, so an interrupted `dery profile` resumes where it stopped. A file
@@ -24,12 +27,14 @@ from .backends import get_backend
 from .cache import Cache, atomic_write_json, read_json
 from .errors import USAGE, DeryError
 from .ir import LatencyRecord, from_json, to_json
+from .reference import Pace
 from .targets import Target
 
-SCHEMA = "dery.profile/4"
+SCHEMA = "dery.profile/5"
 OLDER = {"dery.profile/1": "pieces timed in one window each, stitches alone",
          "dery.profile/2": "records without the reference graph's time, so slow spells went unnoticed",
-         "dery.profile/3": "calibration points fitted to sums without the triples' context terms"}
+         "dery.profile/3": "calibration points fitted to sums without the triples' context terms",
+         "dery.profile/4": "latencies as timed, so the machine's drift between measurement groups stayed in them"}
 Group = tuple[str, str, str, str, str, int]
 
 
@@ -49,6 +54,7 @@ class CalibrationPoint:
     stitches: int
     measured_ms: float
     when: str
+    anchor_ms: float = 0.0
 
     @property
     def key(self) -> str:
@@ -158,6 +164,24 @@ class ProfileStore:
             self._absorb(*_parse(p), own=False)
         if self.path.exists():
             self._absorb(*_parse(self.path), own=True)
+        self._one_anchor()
+
+    def _one_anchor(self) -> None:
+        """Rescale every entry of a group to the anchor of its earliest record, so all are at one speed."""
+        anchors: dict[Group, float] = {}
+        for r in sorted(self.records.values(), key=lambda r: (r.when, r.key)):
+            if r.anchor_ms > 0:
+                anchors.setdefault(r.group, r.anchor_ms)
+        for table, own, fields in ((self.records, self._own, ("median_ms", "context_ms")),
+                                   (self.points, self._own_points, ("blocks_ms", "boundaries_ms", "measured_ms"))):
+            for key, item in list(table.items()):
+                anchor = anchors.get(item.group, item.anchor_ms)
+                if item.anchor_ms > 0 and item.anchor_ms != anchor:
+                    f = anchor / item.anchor_ms
+                    table[key] = dataclasses.replace(item, anchor_ms=anchor,
+                                                     **{n: getattr(item, n) * f for n in fields})
+                    if key in own:
+                        own[key] = table[key]
 
     def _absorb(self, records: list[LatencyRecord], points: list[CalibrationPoint], own: bool) -> None:
         for r in records:
@@ -182,10 +206,12 @@ class ProfileStore:
                 and r.precision == target.precision and r.batch == target.batch and target.matches(r.device)]
         return max(hits, key=lambda r: (r.when, r.key)) if hits else None
 
-    def quickest_ms(self, group: Group) -> float | None:
-        """The quickest the reference graph has run in a measurement group on this device (dery.reference)."""
-        times = [r.reference_ms for r in self.records.values() if r.group == group and r.reference_ms > 0]
-        return min(times) if times else None
+    def pace(self, group: Group) -> Pace:
+        """The quickest the reference graph has run in a measurement group on this device, and the group's anchor
+        (dery.reference)."""
+        timed = [r for r in self.records.values() if r.group == group and r.reference_ms > 0]
+        return Pace(min(r.reference_ms for r in timed) if timed else None,
+                    next((r.anchor_ms for r in timed if r.anchor_ms > 0), None))
 
     def add_all(self, records: Iterable[LatencyRecord]) -> None:
         """Store records and write the user's file at once."""

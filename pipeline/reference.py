@@ -14,6 +14,16 @@ store's records), the group takes more rounds of windows (`Method.slow_rounds`),
 every piece keeping its fastest window, until most of the reference's windows
 are quick again. A group still slow after them is flagged in its records.
 
+The machine's speed also drifts by a few percent over tens of seconds (a
+neighbour's load, the host's clock), on every core alike, and pieces measured
+minutes apart would carry it. So a latency is not the fastest window as timed
+but the piece's speed relative to the reference: the median, over the piece's
+windows, of its window's median over the median of the reference's window next
+to it, times the device's anchor - the reference's time in the first group the
+device measured (`Pace.anchor_ms`, kept with every record). Every latency of a
+device is then at one speed, the anchor's: benchmarks/results/drift.md measures
+what this removes.
+
 The graph is four 3x3 convolutions with ReLU over a 64-channel 56x56 map (about
 4 ms on one core: long enough to be preempted, a working set that a thrashed
 cache slows), weights
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -77,13 +88,38 @@ def reference_piece() -> Piece:
                  lambda: model, reference_module)
 
 
-def measure_referenced(steps: Sequence[Step], reference: Step, method: Method,
-                       quickest_ms: float | None) -> tuple[list[Timing], float, bool]:
-    """Time steps together with the reference (by dery.measure's round robin, with more rounds while the
-    reference's windows run more than `SLOW` above `quickest_ms`): their timings, the reference's time (median
-    over its windows), and whether the group stayed slow."""
-    def settled(timings: list[Timing]) -> bool:
-        return quickest_ms is None or timings[0].windows_median_ms <= quickest_ms * (1 + SLOW)
+@dataclass(frozen=True)
+class Pace:
+    """What a device's earlier groups say about its speed: the quickest the reference has run (None: no group
+    yet) and the anchor its latencies are expressed at (None: this group's reference time becomes it)."""
 
-    timings = measure_all([reference, *steps], method, settled)
-    return timings[1:], timings[0].windows_median_ms, not settled(timings)
+    quickest_ms: float | None = None
+    anchor_ms: float | None = None
+
+
+def relative(timing: Timing, reference: Timing) -> float:
+    """A step's speed relative to the reference: the median over its windows of the window's median over the
+    median of the reference's window that started nearest to it."""
+    starts = np.asarray(reference.window_starts)
+    return float(np.median([m / reference.window_medians[int(np.argmin(np.abs(starts - t)))]
+                            for m, t in zip(timing.window_medians, timing.window_starts)]))
+
+
+def measure_referenced(steps: Sequence[Step], reference: Step, method: Method,
+                       pace: Pace) -> tuple[list[Timing], float, float, bool]:
+    """Time steps together with the reference (by dery.measure's round robin, with more rounds while the
+    reference's windows run more than `SLOW` above the quickest): their timings at the anchor's speed (the
+    median is `relative` times the anchor, p90, mean and minimum are scaled alike, `window_medians` stay as
+    timed), the reference's time (median over its windows), the anchor, and whether the group stayed slow."""
+    def settled(timings: list[Timing]) -> bool:
+        return pace.quickest_ms is None or timings[0].windows_median_ms <= pace.quickest_ms * (1 + SLOW)
+
+    def anchored(t: Timing) -> Timing:
+        ms = relative(t, timings[0]) * anchor
+        f = ms / t.median_ms if t.median_ms > 0 else 0.0
+        return replace(t, median_ms=ms, p90_ms=t.p90_ms * f, min_ms=t.min_ms * f, mean_ms=t.mean_ms * f)
+
+    timings = measure_all([reference, *steps], method, settled, pacer=0)
+    reference_ms = timings[0].windows_median_ms
+    anchor = pace.anchor_ms or reference_ms
+    return [anchored(t) for t in timings[1:]], reference_ms, anchor, not settled(timings)

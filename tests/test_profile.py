@@ -95,9 +95,9 @@ def test_every_extracted_piece_equals_its_torch_module(tiny) -> None:
 
 
 def record(fp: str, when: str = "2026-01-01T00:00:00+00:00", ms: float = 1.0, device: str = "cpu-a",
-           reference: float = 0.0) -> LatencyRecord:
+           reference: float = 0.0, anchor: float = 0.0) -> LatencyRecord:
     return LatencyRecord(fp, "cpu", device, "onnxruntime", "1.0", "fp32", 1, (1, 3, 8, 8), ms, ms, ms, 0.0, 10,
-                         when, "test", reference_ms=reference)
+                         when, "test", reference_ms=reference, anchor_ms=anchor)
 
 
 def test_the_reference_graph_is_fixed_and_its_module_computes_the_same() -> None:
@@ -117,7 +117,7 @@ def test_a_slow_spell_seen_by_the_reference_gets_more_rounds() -> None:
     spell is what gets recorded; with one, the group takes more rounds until most of the reference's windows
     are back within `SLOW` of it, and every piece keeps its quiet window; a spell that outlasts the extra
     rounds is flagged."""
-    from dery.reference import measure_referenced
+    from dery.reference import Pace, measure_referenced
 
     method = Method(windows=2, warmup_s=0, min_iters=10, window_s=0, extra_windows=0, slow_rounds=4)
 
@@ -127,13 +127,77 @@ def test_a_slow_spell_seen_by_the_reference_gets_more_rounds() -> None:
         def step(ms: float) -> Callable[[], float]:
             return lambda: ms * (1.3 if next(clock) < spell_calls else 1.0)
 
-        timings, reference, slow = measure_referenced([step(2.0), step(5.0)], step(1.0), method, quickest)
-        return [t.median_ms for t in timings], reference, slow, timings[0].windows
+        timings, reference, anchor, slow = measure_referenced([step(2.0), step(5.0)], step(1.0), method,
+                                                              Pace(quickest))
+        assert anchor == reference  # no anchor yet: this group's reference time becomes it
+        return [min(t.window_medians) for t in timings], reference, slow, timings[0].windows
 
     spell = 2 * 3 * 11  # two rounds of one window (a warm-up call and ten timed calls) for three steps
     assert group(spell, None) == ([2.6, 6.5], 1.3, False, 2)
     assert group(spell, 1.0) == ([2.0, 5.0], 1.0, False, 5)
     assert group(10**6, 1.0) == ([2.6, 6.5], 1.3, True, 6)
+
+
+def test_a_drift_the_reference_shares_cancels_out_of_every_latency(monkeypatch) -> None:
+    """The machine's speed drifts from round to round of windows (every step alike). Each latency is the
+    piece's speed relative to the reference's window next to it, times the anchor: exact in every group,
+    whatever the drift; the fastest window as timed, the control, is off by the drift of its group."""
+    from dery import measure as measure_module
+    from dery.reference import Pace, measure_referenced
+
+    method = Method(windows=3, warmup_s=0, min_iters=10, window_s=0, extra_windows=0, slow_rounds=0)
+    real_window = measure_module._window
+    taken = [itertools.count()]
+    now = [0]
+
+    def window(step, m):
+        now[0] = next(taken[0]) // 3  # three steps: one round of windows
+        time.sleep(0.002)  # so that the reference window next to a piece's is the nearest one in time
+        return real_window(step, m)
+
+    monkeypatch.setattr(measure_module, "_window", window)
+
+    def group(drift: Callable[[int], float]) -> tuple[list[float], list[float]]:
+        def step(ms: float) -> Callable[[], float]:
+            return lambda: ms * drift(now[0])
+
+        taken[0] = itertools.count()
+        timings, _, anchor, _ = measure_referenced([step(2.0), step(0.5)], step(4.0), method, Pace(4.0, 5.0))
+        assert anchor == 5.0
+        return [t.median_ms for t in timings], [min(t.window_medians) for t in timings]
+
+    quick, quick_timed = group(lambda r: 1.0)
+    assert quick == pytest.approx([2.5, 0.625], rel=1e-12) and quick_timed == [2.0, 0.5]
+    for drift in (lambda r: 1.1, lambda r: 1.08 + 0.07 * r, lambda r: 1.3 - 0.1 * r):
+        anchored, timed = group(drift)
+        assert anchored == pytest.approx(quick, rel=1e-12)
+        assert all(t / q - 1 > 0.05 for t, q in zip(timed, quick_timed))
+
+
+def test_entries_merged_from_another_anchor_are_rescaled_to_the_earliest(tmp_path) -> None:
+    """Two machines of one device name anchor their latencies at their own reference times; a store that reads
+    both rescales the later anchor's records and points to the earlier one's, and leaves other groups be."""
+    from dery.cache import Cache
+    from dery.profile_store import CalibrationPoint, write_table
+    from dery.reference import Pace
+
+    def point(anchor: float, ms: float, device: str = "cpu-a") -> CalibrationPoint:
+        return CalibrationPoint("cpu", device, "onnxruntime", "1.0", "fp32", 1, f"as{anchor}", ms, ms / 2, 1, ms,
+                                "2026-02-01T00:00:00+00:00", anchor)
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_table(a, [record("x", ms=1.0, reference=4.2, anchor=4.0)], [point(4.0, 1.0)])
+    write_table(b, [record("y", when="2026-06-01T00:00:00+00:00", ms=2.5, reference=5.1, anchor=5.0),
+                    record("z", ms=3.0, reference=6.0, anchor=6.0, device="cpu-b")], [point(5.0, 2.5)])
+    merge_tables([b, a], tmp_path / "c.json")
+    store = ProfileStore(Cache(tmp_path / "cache"), "cpu", extra=[tmp_path / "c.json"])
+    assert store.get(record("x")).median_ms == 1.0 and store.get(record("y")).median_ms == pytest.approx(2.0)
+    assert store.get(record("y")).anchor_ms == 4.0 and store.get(record("y")).reference_ms == 5.1
+    assert store.get(record("z", device="cpu-b")).median_ms == 3.0
+    assert store.pace(record("y").group) == Pace(4.2, 4.0)
+    assert store.pace(record("z", device="cpu-b").group) == Pace(6.0, 6.0)
+    rescaled = {p.assembly: p for p in store.points.values()}["as5.0"]
+    assert (rescaled.blocks_ms, rescaled.boundaries_ms, rescaled.measured_ms) == pytest.approx((2.0, 1.0, 2.0))
 
 
 def test_store_writes_each_record_at_once_and_reads_it_back(tmp_path) -> None:
@@ -163,7 +227,7 @@ def test_damaged_store_is_reported_by_path_and_left_alone(tmp_path, content) -> 
     assert path.read_text() == content
 
 
-@pytest.mark.parametrize("schema", ["dery.profile/1", "dery.profile/2", "dery.profile/3"])
+@pytest.mark.parametrize("schema", ["dery.profile/1", "dery.profile/2", "dery.profile/3", "dery.profile/4"])
 def test_a_table_from_an_older_dery_is_refused_by_name_and_left_alone(tmp_path, schema) -> None:
     from dery.cache import Cache
 
@@ -293,34 +357,55 @@ def test_an_assembly_adds_its_blocks_boundaries_and_context_terms(tiny) -> None:
                                               tiny.costs.joints[b, c, 1], rec]
 
 
-def test_context_terms_are_timed_in_one_group_so_a_change_of_speed_cancels(tiny, tmp_path, monkeypatch) -> None:
-    """Scripted pieces: each has a fixed time, and every measurement group runs at its own, slower speed (the
-    reference too). A triple's context term must be its group's (triple + middle - joints, all at one speed);
-    taking the joints and the block from their own records, measured at another speed, is the control that
-    gets it wrong."""
-    from dery import measure as measure_module
-    from dery.backends import onnxruntime as ob
-    from dery.cache import Cache
-    from dery.passes.profile import ensure_contexts
+def record_groups(tiny) -> int:
+    """How many groups `ensure_records` measures the tiny zoo's pieces in (all but the triples)."""
+    return -(-sum(k[0] != "triple" for k in pieces(tiny.lowered, tiny.partition, tiny.stitches, 1, tiny.cache))
+             // profile_pass.CHUNK)
 
-    real_window = measure_module._window
+
+def scripted_machine(tiny, monkeypatch, speeds: Callable[[int], float], odd: Callable[[int, str], float]):
+    """The tiny zoo's pieces on a scripted machine: every piece has a fixed time (a triple about its joints
+    less its middle block: small context terms), measurement group g runs `speeds(g)` times slower, of which
+    the reference sees only half (in log terms, so anchoring leaves the rest in), and piece p `odd(g, p)`
+    slower on top. Returns (items, triples, base times by fingerprint, each group's anchored factor)."""
+    from dery.backends import onnxruntime as ob
 
     items = pieces(tiny.lowered, tiny.partition, tiny.stitches, 1, tiny.cache)
     triples = {k: items.pop(k) for k in [k for k in items if k[0] == "triple"]}
     rng = np.random.default_rng(0)
-    span = {"block": 1.0, "network": 4.0, "joint": 2.0, "triple": 3.0}  # joints outweigh a block: controls err
-    base = {p.fingerprint: float(rng.uniform(span[k[0]], span[k[0]] + 1)) for k, p in [*items.items(),
-                                                                                      *triples.items()]}
-    speed, groups = [1.0], []
+    ms = {k: float(rng.uniform(1, 2) if k[0] == "block" else rng.uniform(4, 5)) for k in items
+          if k[0] in ("block", "network")}
+    ms.update({k: ms["block", k[1], k[3]] + ms["block", k[2], k[3] + 1] + float(rng.uniform(0, 0.2))
+               for k in items if k[0] == "joint"})
+    ms.update({k: ms["joint", k[1], k[2], k[4]] + ms["joint", k[2], k[3], k[4] + 1] - ms["block", k[2], k[4] + 1]
+               + float(rng.uniform(-0.1, 0.1)) for k in triples})
+    base = {p.fingerprint: ms[k] for k, p in [*items.items(), *triples.items()]}
+    factors: list[float] = []
 
     def scripted(piece, tgt):
+        g = len(factors)  # a group's pieces are made before its reference
+        speed = speeds(g)
         if piece.name == "reference":
-            speed[0] *= 1.25
-            groups.append(speed[0])
-            return lambda: 4.0 * speed[0]
-        return lambda: base[piece.fingerprint] * speed[0]
+            factors.append(float(np.sqrt(speed * speeds(0))))  # the first group's reference time is the anchor
+            return lambda: 4.0 * np.sqrt(speed)
+        return lambda: base[piece.fingerprint] * speed * odd(g, piece.name)
 
     monkeypatch.setattr(ob, "step", scripted)
+    return items, triples, base, factors
+
+
+def test_context_terms_are_timed_in_one_group_so_a_change_of_speed_cancels(tiny, tmp_path, monkeypatch) -> None:
+    """The records are measured at speed 1, the context groups at 1.1-1.3. A triple's context term must be
+    its group's (triple + middle - joints, all at one speed); taking the joints and the block from their own
+    records, measured at another speed, is the control that gets it wrong."""
+    from dery import measure as measure_module
+    from dery.cache import Cache
+    from dery.passes.profile import ensure_contexts
+
+    real_window = measure_module._window
+    first = record_groups(tiny)
+    items, triples, base, groups = scripted_machine(
+        tiny, monkeypatch, lambda g: 1.0 if g < first else (1.1, 1.2, 1.3)[g % 3], lambda g, p: 1.0)
     store = ProfileStore(Cache(tmp_path), "cpu")
     records, _ = ensure_records(items, get_target("cpu"), store, method=QUICK)
     windows = []
@@ -331,7 +416,6 @@ def test_context_terms_are_timed_in_one_group_so_a_change_of_speed_cancels(tiny,
                              | {("k", c) for _, _, bb, c, i in triples if (bb, i) == m}) for m in middles)
     rounds = QUICK.windows + QUICK.slow_rounds  # every context group runs slow here, so it takes every round
     assert len(windows) == rounds * (len(triples) + companions + len(middles))  # + a reference per group
-    first = -(-len(items) // profile_pass.CHUNK)
     assert measured == len(triples) and len(groups) == first + len(middles)
     wrong = 0
     for (_, a, b, c, j), rec in found.items():
@@ -350,6 +434,33 @@ def test_context_terms_are_timed_in_one_group_so_a_change_of_speed_cancels(tiny,
     again, measured = ensure_contexts(triples, items, get_target("cpu"), ProfileStore(Cache(tmp_path), "cpu"),
                                       method=QUICK)
     assert measured == 0 and again == found
+
+
+def test_a_context_group_with_a_piece_caught_alone_is_measured_again(tiny, tmp_path, monkeypatch) -> None:
+    """In the first context group's first measurement one joint runs 1.5x slow in every window (the rest of the
+    machine is quiet):
+    that group is measured again and every context term comes out exact; the triples around the other
+    middle blocks are measured once."""
+    from dery.cache import Cache
+    from dery.passes.profile import ensure_contexts
+
+    first = record_groups(tiny)
+    caught: list[str] = []
+
+    def odd(g: int, name: str) -> float:
+        if g == first and name.count(">") == 1 and not caught:
+            caught.append(name)
+        return 1.5 if g == first and caught and name == caught[0] else 1.0
+
+    items, triples, base, groups = scripted_machine(tiny, monkeypatch, lambda g: 1.0, odd)
+    store = ProfileStore(Cache(tmp_path), "cpu")
+    ensure_records(items, get_target("cpu"), store, method=QUICK)
+    found, _ = ensure_contexts(triples, items, get_target("cpu"), store, method=QUICK)
+    assert caught and len(groups) == first + len({(k[2], k[4]) for k in triples}) + 1
+    for (_, a, b, c, j), rec in found.items():
+        truth = base[triples["triple", a, b, c, j].fingerprint] + base[items["block", b, j + 1].fingerprint] \
+            - base[items["joint", a, b, j].fingerprint] - base[items["joint", b, c, j + 1].fingerprint]
+        assert rec.context_ms == pytest.approx(truth, rel=1e-9, abs=1e-12)
 
 
 def test_boundaries_in_context_bring_block_sums_to_the_whole_network(tiny) -> None:
