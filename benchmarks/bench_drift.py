@@ -1,7 +1,9 @@
 """Drift: what expressing latencies relative to the reference graph removes from groups measured minutes apart.
 
-The same pieces (four timm networks at 224 px and at 96 px, random weights) are
-measured as one group, the way the profile measures a chunk, again and again
+The same pieces (four timm networks at 224 px and the three CNNs among them at
+96 px, random weights) are
+measured as one group (new sessions each time), the way the profile measures a
+chunk, again and again
 with pauses in between, over several minutes of the machine's own drift. For
 each piece and each group two latencies come out of the same windows: the
 fastest window as timed (the control), and dery's - the median over its
@@ -21,7 +23,7 @@ import time
 
 import _common as common
 import numpy as np
-from bench_slow_spell import pieces
+from bench_slow_spell import NETWORKS, pieces
 
 
 def main() -> None:
@@ -39,14 +41,13 @@ def main() -> None:
     torch.set_num_threads(2)
     target = get_target("cpu")
     backend = get_backend(target.backend)
-    nets = pieces(224) + pieces(96)
-    steps = [backend.step(p, target) for p in nets]
-    reference = backend.step(reference_piece(), target)
+    nets = pieces(224) + pieces(96, NETWORKS[:3])
     pace, groups, t0 = Pace(), [], time.perf_counter()
     for g in range(args.groups):
         if g:
             time.sleep(args.pause)
-        timings, reference_ms, anchor, _ = measure_referenced(steps, reference, Method(), pace)
+        timings, reference_ms, anchor, _ = measure_referenced(  # new sessions per group, as the profile makes
+            [backend.step(p, target) for p in nets], backend.step(reference_piece(), target), Method(), pace)
         pace = Pace(min(reference_ms, pace.quickest_ms or reference_ms), anchor)
         groups.append({"at_s": time.perf_counter() - t0, "reference_ms": reference_ms,
                        "timed_ms": [min(t.window_medians) for t in timings],

@@ -46,7 +46,7 @@ def neighbours(seconds: float) -> Iterator[None]:
             p.wait()
 
 
-def pieces(size: int = 224) -> list:
+def pieces(size: int = 224, names: tuple[str, ...] = NETWORKS) -> list:
     """The networks at `size` px as pieces (exported once)."""
     import timm
     import torch
@@ -54,7 +54,7 @@ def pieces(size: int = 224) -> list:
     from dery.onnx_graph import export
 
     out = []
-    for name in NETWORKS:
+    for name in names:
         model = timm.create_model(name, pretrained=False).eval()
         graph = export(model, [torch.rand(1, 3, size, size)], ["x"], ["y"])
         out.append(Piece(f"{name}@{size}", f"{name}@{size}", (3, size, size), lambda g=graph: g, lambda m=model: m))
