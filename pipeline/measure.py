@@ -74,6 +74,11 @@ class Timing:
     window_medians: tuple[float, ...] = ()
     window_starts: tuple[float, ...] = ()
 
+    @property
+    def timed_ms(self) -> float:
+        """The fastest window's median as timed (dery.reference rescales `median_ms`, never this)."""
+        return min(self.window_medians)
+
 
 def summarize(windows: Sequence[np.ndarray], max_spread: float, starts: Sequence[float] = ()) -> Timing:
     """Statistics of the per-call times of each window (one array per window, started at `starts`)."""

@@ -130,7 +130,7 @@ def test_a_slow_spell_seen_by_the_reference_gets_more_rounds() -> None:
         timings, reference, anchor, slow = measure_referenced([step(2.0), step(5.0)], step(1.0), method,
                                                               Pace(quickest))
         assert anchor == reference  # no anchor yet: this group's reference time becomes it
-        return [min(t.window_medians) for t in timings], reference, slow, timings[0].windows
+        return [t.timed_ms for t in timings], reference, slow, timings[0].windows
 
     spell = 2 * 3 * 11  # two rounds of one window (a warm-up call and ten timed calls) for three steps
     assert group(spell, None) == ([2.6, 6.5], 1.3, False, 2)
@@ -164,7 +164,7 @@ def test_a_drift_the_reference_shares_cancels_out_of_every_latency(monkeypatch) 
         taken[0] = itertools.count()
         timings, _, anchor, _ = measure_referenced([step(2.0), step(0.5)], step(4.0), method, Pace(4.0, 5.0))
         assert anchor == 5.0
-        return [t.median_ms for t in timings], [min(t.window_medians) for t in timings]
+        return [t.median_ms for t in timings], [t.timed_ms for t in timings]
 
     quick, quick_timed = group(lambda r: 1.0)
     assert quick == pytest.approx([2.5, 0.625], rel=1e-12) and quick_timed == [2.0, 0.5]
