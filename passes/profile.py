@@ -11,11 +11,14 @@ often negative). Two boundaries around one block interact as well (a small
 block between two stitches can cost several percent more or less than its two
 joints say, repeatably), so every run of three blocks is timed too, as a
 triple; what it adds beyond its two joints is the context term
-(`Costs.context_ms`). A context term is a small difference of large times, so
-it is taken within one measurement group: the triples around one middle block
-are timed together with their joints and that block, and a change of the
-machine's speed between groups cancels out. An assembly's latency is its
-blocks plus its boundaries plus its contexts.
+(`Costs.context_ms`): the triple plus its middle block less its two joints.
+Every record of a device is at one speed (dery.reference anchors each window
+to the reference graph's), so the four records can come from different
+measurement groups; triples are timed like every other piece. A context term
+is a small difference of large times: one of its pieces caught alone in a
+slow spell shows as a term far larger than real ones (`ODD`), and the four
+pieces are then measured again together (`settle_contexts`). An assembly's
+latency is its blocks plus its boundaries plus its contexts.
 Each piece has a fingerprint (what decides its latency), so the profile store
 answers for pieces measured before, by this run or on another machine; only
 what is missing is measured, and each group of new records is saved as soon
@@ -27,7 +30,6 @@ on the right device.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 from collections.abc import Callable, Sequence
@@ -68,8 +70,12 @@ class Costs:
 
     def context_ms(self, a: str, b: str, c: str, j: int) -> float:
         """What boundaries j and j + 1 add together beyond each alone: the triple a, b, c less its two joints,
-        plus its middle block (counted by both joints), all timed in one group (`ensure_contexts`)."""
-        return self.triples[a, b, c, j].context_ms
+        plus its middle block (counted by both joints); none when any of the four is an estimate."""
+        triple, middle, first, second = (self.triples[a, b, c, j], self.blocks[b, j + 1], self.joints[a, b, j],
+                                         self.joints[b, c, j + 1])
+        if triple.estimated or middle.estimated or first.estimated or second.estimated:
+            return 0.0
+        return triple.median_ms + middle.median_ms - first.median_ms - second.median_ms
 
     def used(self, models: Sequence[str]) -> list[LatencyRecord]:
         """The records an assembly's in-context latency is made of."""
@@ -240,11 +246,29 @@ def missing_error(target: Target, names: Sequence[str], why: str) -> DeryError:
 CHUNK = 32  # pieces measured together: their windows spread over time; saved (and resumed) per chunk
 
 
-def _lookup(items: dict[tuple, Piece], target: Target, store: ProfileStore,
-            on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None
-            ) -> tuple[dict[tuple, LatencyRecord], list[tuple], str | None, Backend]:
-    """(records found, keys to measure here, device, backend): stored records of `items`; when the target's
-    device is not here, any device's, and the rest from `on_missing` (none: an error naming them)."""
+def measure_records(keys: Sequence[tuple], items: dict[tuple, Piece], target: Target, store: ProfileStore, *,
+                    method: Method, title: str = "profiling") -> dict[tuple, LatencyRecord]:
+    """Measure the pieces `keys` here, `CHUNK` at a time with the reference graph, saving each chunk at once."""
+    backend = get_backend(target.backend)
+    device, _ = availability(target)
+    found: dict[tuple, LatencyRecord] = {}
+    with progress.task(f"{title} on {target.name}", len(keys)) as advance:
+        for start in range(0, len(keys), CHUNK):
+            chunk = keys[start:start + CHUNK]
+            records = measure_pieces([items[k] for k in chunk], target, device, backend, method,
+                                     store.pace(group_of(target, device)))
+            store.add_all(records)
+            found.update(zip(chunk, records))
+            advance(len(chunk), note=items[chunk[-1]].name)
+    return found
+
+
+def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStore, *, method: Method,
+                   on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
+                   ) -> tuple[dict[tuple, LatencyRecord], list[tuple]]:
+    """Look every piece up in the store (when the target's device is not here, any device's record); measure
+    what is missing here, or without the device hand it to `on_missing` (none: an error naming the pieces).
+    Returns the records and the keys measured now."""
     backend = get_backend(target.backend)
     device, reason = availability(target)
     found: dict[tuple, LatencyRecord] = {}
@@ -260,81 +284,57 @@ def _lookup(items: dict[tuple, Piece], target: Target, store: ProfileStore,
         if on_missing is None:
             raise missing_error(target, [items[k].name for k in todo], reason)
         found.update(on_missing({k: items[k] for k in todo}))
-        todo = []
-    return found, todo, device, backend
+        return found, []
+    found.update(measure_records(todo, items, target, store, method=method))
+    return found, todo
 
 
-def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStore, *, method: Method,
-                   on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
-                   ) -> tuple[dict[tuple, LatencyRecord], int]:
-    """Look every piece up in the store; measure what is missing (here) or hand it to `on_missing`."""
-    found, todo, device, backend = _lookup(items, target, store, on_missing)
-    with progress.task(f"profiling on {target.name}", len(todo)) as advance:
-        for start in range(0, len(todo), CHUNK):
-            keys = todo[start:start + CHUNK]
-            records = measure_pieces([items[k] for k in keys], target, device, backend, method,
-                                     store.pace(group_of(target, device)))
-            store.add_all(records)
-            found.update(zip(keys, records))
-            advance(len(keys), note=items[keys[-1]].name)
-    return found, len(todo)
+ODD = 0.2  # a context term this large a share of its triple: real ones stay under 10% (ARCHITECTURE.md)
+RETRIES = 2  # more measurements of an odd context term's pieces
 
 
-ODD = 0.2  # a companion this far off its own record, or a context term this large a share of its triple
-RETRIES = 2  # more measurements of a context group with an odd piece
+def parts(triple: tuple) -> list[tuple]:
+    """The item keys a triple's context term is made of: the triple, its middle block and its two joints."""
+    _, a, b, c, j = triple
+    return [triple, ("block", b, j + 1), ("joint", a, b, j), ("joint", b, c, j + 1)]
 
 
-def ensure_contexts(triples: dict[tuple, Piece], items: dict[tuple, Piece], target: Target, store: ProfileStore, *,
-                    method: Method, on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
-                    ) -> tuple[dict[tuple, LatencyRecord], int]:
-    """Records of the triples ("triple", a, b, c, j) with their context terms: the missing ones are measured
-    in one group per middle block, with their joints and that block from `items` (estimates carry none).
-
-    A context term is a balanced difference (triple and middle block less two joints of about their size)
-    within one group, so a change of speed between groups cancels out of it; a slow spell inside a group
-    does not always (it can catch one piece in every window), so these groups take its extra rounds too, and
-    a group with an odd piece - a companion more than `ODD` off its own record, or a context term more than
-    `ODD` of its triple - is measured again (up to `RETRIES` times), keeping the first measurement without one.
-    """
-    found, todo, device, backend = _lookup(triples, target, store, on_missing)
-    around: dict[tuple[str, int], list[tuple]] = {}
-    for key in todo:
-        around.setdefault((key[2], key[4] + 1), []).append(key)
-    with progress.task(f"profiling triples on {target.name}", len(todo)) as advance:
-        for (b, k), keys in around.items():
-            middle = ("block", b, k)
-            joints = list(dict.fromkeys(j for _, a, _, c, i in keys for j in (("joint", a, b, i), ("joint", b, c, k))))
-            known = {c: store.get(probe_record(items[c], target, device, backend)) for c in [middle, *joints]}
-            for _ in range(RETRIES + 1):
-                records = dict(zip([*keys, middle, *joints], measure_pieces(
-                    [*(triples[t] for t in keys), items[middle], *(items[j] for j in joints)], target, device,
-                    backend, method, store.pace(group_of(target, device)))))
-                ms = {key: rec.median_ms for key, rec in records.items()}
-                context = {t: ms[t] + ms[middle] - ms["joint", t[1], b, t[4]] - ms["joint", b, t[3], k] for t in keys}
-                if all(abs(context[t]) <= ODD * ms[t] for t in keys) and all(
-                        rec is None or abs(ms[c] / rec.median_ms - 1) <= ODD for c, rec in known.items()):
-                    break
-            done = [dataclasses.replace(records[t], context_ms=context[t]) for t in keys]
-            store.add_all(done)
-            found.update(zip(keys, done))
-            advance(len(keys), note=f"around {items[middle].name}")
-    return found, len(todo)
-
-
-def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, target: Target,
-            store: ProfileStore, cache: Cache, *, method: Method = Method(),
-            on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None) -> Costs:
-    """The profile pass: a latency record for every block, joint, triple (with its context term) and zoo
-    member."""
-    items = pieces(zoo, partition, stitches, target.batch, cache)
-    triples = {k: items.pop(k) for k in [k for k in items if k[0] == "triple"]}
-    found, measured = ensure_records(items, target, store, method=method, on_missing=on_missing)
-    contexts, timed = ensure_contexts(triples, items, target, store, method=method, on_missing=on_missing)
-    found.update(contexts)
-    measured += timed
+def costs_of(found: dict[tuple, LatencyRecord], measured: int) -> Costs:
+    """The records by kind, as the search space uses them."""
     return Costs({(k[1], k[2]): r for k, r in found.items() if k[0] == "block"},
                  {(k[1], k[2], k[3]): r for k, r in found.items() if k[0] == "joint"},
                  {(k[1], k[2], k[3], k[4]): r for k, r in found.items() if k[0] == "triple"},
                  {k[1]: r for k, r in found.items() if k[0] == "network"},
                  measured, len(found) - measured)
 
+
+def settle_contexts(found: dict[tuple, LatencyRecord], fresh: Sequence[tuple], items: dict[tuple, Piece],
+                    target: Target, store: ProfileStore, *, method: Method) -> list[tuple]:
+    """Measure again, together, the four pieces of every context term over `ODD` of its triple that rests on a
+    record measured in this run (`fresh`), up to `RETRIES` times; the new records replace theirs in `found` and
+    in the store. Returns the keys measured again. A piece caught alone by a slow spell (every window of it,
+    none of the reference's) is what this catches; a run that measured nothing checks nothing."""
+    again: list[tuple] = []
+    recent = set(fresh)
+    for _ in range(RETRIES):
+        costs = costs_of(found, 0)
+        odd = [k for k in found if k[0] == "triple" and recent.intersection(parts(k))
+               and abs(costs.context_ms(*k[1:])) > ODD * found[k].median_ms]
+        if not odd:
+            break
+        keys = list(dict.fromkeys(p for k in odd for p in parts(k)))
+        found.update(measure_records(keys, items, target, store, method=method, title="measuring odd pieces again"))
+        again += keys
+        recent = set(keys)
+    return again
+
+
+def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, target: Target,
+            store: ProfileStore, cache: Cache, *, method: Method = Method(),
+            on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None) -> Costs:
+    """The profile pass: a latency record for every block, joint, triple and zoo member, with any odd context
+    term's pieces measured again."""
+    items = pieces(zoo, partition, stitches, target.batch, cache)
+    found, fresh = ensure_records(items, target, store, method=method, on_missing=on_missing)
+    again = settle_contexts(found, fresh, items, target, store, method=method)
+    return costs_of(found, len(set(fresh) | set(again)))

@@ -107,8 +107,7 @@ class Stitch:
 class LatencyRecord:
     """One measured (or estimated) latency, keyed by what decides it, with the time the reference graph took
     in the same measurement group and the anchor its median is expressed at (0 for estimates; see
-    dery.reference). A triple's record also holds its context term, timed in one group with its two joints and
-    its middle block (0 for estimates)."""
+    dery.reference)."""
 
     fingerprint: str
     target: str
@@ -127,7 +126,6 @@ class LatencyRecord:
     how: str
     estimated: bool = False
     reference_ms: float = 0.0
-    context_ms: float = 0.0
     anchor_ms: float = 0.0
 
     @property

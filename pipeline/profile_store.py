@@ -30,11 +30,12 @@ from .ir import LatencyRecord, from_json, to_json
 from .reference import Pace
 from .targets import Target
 
-SCHEMA = "dery.profile/5"
+SCHEMA = "dery.profile/6"
 OLDER = {"dery.profile/1": "pieces timed in one window each, stitches alone",
          "dery.profile/2": "records without the reference graph's time, so slow spells went unnoticed",
          "dery.profile/3": "calibration points fitted to sums without the triples' context terms",
-         "dery.profile/4": "latencies as timed, so the machine's drift between measurement groups stayed in them"}
+         "dery.profile/4": "latencies as timed, so the machine's drift between measurement groups stayed in them",
+         "dery.profile/5": "context terms taken from each triple's own group, which added that group's noise"}
 Group = tuple[str, str, str, str, str, int]
 
 
@@ -172,7 +173,7 @@ class ProfileStore:
         for r in sorted(self.records.values(), key=lambda r: (r.when, r.key)):
             if r.anchor_ms > 0:
                 anchors.setdefault(r.group, r.anchor_ms)
-        for table, own, fields in ((self.records, self._own, ("median_ms", "context_ms")),
+        for table, own, fields in ((self.records, self._own, ("median_ms",)),
                                    (self.points, self._own_points, ("blocks_ms", "boundaries_ms", "measured_ms"))):
             for key, item in list(table.items()):
                 anchor = anchors.get(item.group, item.anchor_ms)

@@ -227,7 +227,7 @@ def test_damaged_store_is_reported_by_path_and_left_alone(tmp_path, content) -> 
     assert path.read_text() == content
 
 
-@pytest.mark.parametrize("schema", ["dery.profile/1", "dery.profile/2", "dery.profile/3", "dery.profile/4"])
+@pytest.mark.parametrize("schema", [f"dery.profile/{n}" for n in range(1, 6)])
 def test_a_table_from_an_older_dery_is_refused_by_name_and_left_alone(tmp_path, schema) -> None:
     from dery.cache import Cache
 
@@ -280,12 +280,12 @@ def test_interrupted_profiling_resumes_without_remeasuring(tiny, tmp_path, monke
     calls.clear()
     monkeypatch.setattr(ob, "step", counted)
     found, measured = ensure_records(items, target, ProfileStore(Cache(tmp_path), "cpu"), method=QUICK)
-    assert measured == 2 and len(calls) == 2 and len(found) == 6
+    assert len(measured) == 2 and len(calls) == 2 and len(found) == 6
     stored = json.loads(store.path.read_text())["records"]
     assert len({(r["when"], r["reference_ms"]) for r in stored}) >= 2 and all(r["reference_ms"] > 0 for r in stored)
     calls.clear()
     _, measured = ensure_records(items, target, ProfileStore(Cache(tmp_path), "cpu"), method=QUICK)
-    assert measured == 0 and calls == []
+    assert measured == [] and calls == []
 
 
 def test_records_serialise_exactly() -> None:
@@ -347,120 +347,125 @@ def test_the_program_prices_every_assembly_at_its_calibrated_in_context_sum(tiny
 def test_an_assembly_adds_its_blocks_boundaries_and_context_terms(tiny) -> None:
     assert tiny.partition.k == 3 and tiny.costs.triples
     for (a, b, c, _), rec in tiny.costs.triples.items():
+        context = rec.median_ms + tiny.costs.blocks[b, 1].median_ms - tiny.costs.joints[a, b, 0].median_ms \
+            - tiny.costs.joints[b, c, 1].median_ms
+        assert tiny.costs.context_ms(a, b, c, 0) == context
         blocks, boundaries = tiny.costs.sums((a, b, c))
         assert blocks == sum(tiny.costs.blocks[m, k].median_ms for k, m in enumerate((a, b, c)))
         assert boundaries == pytest.approx(tiny.costs.boundary_ms(a, b, 0) + tiny.costs.boundary_ms(b, c, 1)
-                                           + rec.context_ms, rel=1e-12, abs=1e-15)
-        assert tiny.costs.sums((a, b, c), contexts=False)[1] == pytest.approx(boundaries - rec.context_ms, abs=1e-15)
+                                           + context, rel=1e-12, abs=1e-15)
+        assert tiny.costs.sums((a, b, c), contexts=False)[1] == pytest.approx(boundaries - context, abs=1e-15)
         assert tiny.costs.used((a, b, c)) == [tiny.costs.blocks[a, 0], tiny.costs.blocks[b, 1],
                                               tiny.costs.blocks[c, 2], tiny.costs.joints[a, b, 0],
                                               tiny.costs.joints[b, c, 1], rec]
 
 
-def record_groups(tiny) -> int:
-    """How many groups `ensure_records` measures the tiny zoo's pieces in (all but the triples)."""
-    return -(-sum(k[0] != "triple" for k in pieces(tiny.lowered, tiny.partition, tiny.stitches, 1, tiny.cache))
-             // profile_pass.CHUNK)
-
-
-def scripted_machine(tiny, monkeypatch, speeds: Callable[[int], float], odd: Callable[[int, str], float]):
+def scripted_machine(tiny, monkeypatch, speeds: Callable[[int], float], odd: Callable[[int, str], float],
+                     seen: float = 0.5):
     """The tiny zoo's pieces on a scripted machine: every piece has a fixed time (a triple about its joints
     less its middle block: small context terms), measurement group g runs `speeds(g)` times slower, of which
-    the reference sees only half (in log terms, so anchoring leaves the rest in), and piece p `odd(g, p)`
-    slower on top. Returns (items, triples, base times by fingerprint, each group's anchored factor)."""
+    the reference sees the share `seen` (in log terms; anchoring removes that share), and piece p `odd(g, p)`
+    slower on top. Returns (items, base times by fingerprint, each group's anchored factor)."""
     from dery.backends import onnxruntime as ob
 
     items = pieces(tiny.lowered, tiny.partition, tiny.stitches, 1, tiny.cache)
-    triples = {k: items.pop(k) for k in [k for k in items if k[0] == "triple"]}
     rng = np.random.default_rng(0)
     ms = {k: float(rng.uniform(1, 2) if k[0] == "block" else rng.uniform(4, 5)) for k in items
           if k[0] in ("block", "network")}
     ms.update({k: ms["block", k[1], k[3]] + ms["block", k[2], k[3] + 1] + float(rng.uniform(0, 0.2))
                for k in items if k[0] == "joint"})
     ms.update({k: ms["joint", k[1], k[2], k[4]] + ms["joint", k[2], k[3], k[4] + 1] - ms["block", k[2], k[4] + 1]
-               + float(rng.uniform(-0.1, 0.1)) for k in triples})
-    base = {p.fingerprint: ms[k] for k, p in [*items.items(), *triples.items()]}
+               + float(rng.uniform(-0.1, 0.1)) for k in items if k[0] == "triple"})
+    base = {p.fingerprint: ms[k] for k, p in items.items()}
     factors: list[float] = []
 
     def scripted(piece, tgt):
         g = len(factors)  # a group's pieces are made before its reference
         speed = speeds(g)
         if piece.name == "reference":
-            factors.append(float(np.sqrt(speed * speeds(0))))  # the first group's reference time is the anchor
-            return lambda: 4.0 * np.sqrt(speed)
+            factors.append(float(speed ** (1 - seen) * speeds(0) ** seen))  # the first group's reference: anchor
+            return lambda: 4.0 * speed ** seen
         return lambda: base[piece.fingerprint] * speed * odd(g, piece.name)
 
     monkeypatch.setattr(ob, "step", scripted)
-    return items, triples, base, factors
+    return items, base, factors
 
 
-def test_context_terms_are_timed_in_one_group_so_a_change_of_speed_cancels(tiny, tmp_path, monkeypatch) -> None:
-    """The records are measured at speed 1, the context groups at 1.1-1.3. A triple's context term must be
-    its group's (triple + middle - joints, all at one speed); taking the joints and the block from their own
-    records, measured at another speed, is the control that gets it wrong."""
+def true_context(items, base, triple: tuple) -> float:
+    """A triple's context term from the scripted machine's fixed times."""
+    triple_ms, middle, first, second = (base[items[k].fingerprint] for k in profile_pass.parts(triple))
+    return triple_ms + middle - first - second
+
+
+def test_context_terms_combine_records_of_groups_measured_at_different_speeds(tiny, tmp_path, monkeypatch) -> None:
+    """Each chunk runs 1.0-1.3x slow and the reference graph sees it: every record is anchored to the first
+    group's speed, so a context term taken from four records of different groups is exact; each piece is
+    timed once (no odd term, nothing measured again), and a second run measures nothing. The control - the
+    same terms from the latencies as timed, each at its own chunk's speed - is wrong for most triples."""
     from dery import measure as measure_module
     from dery.cache import Cache
-    from dery.passes.profile import ensure_contexts
+    from dery.reference import SLOW
 
     real_window = measure_module._window
-    first = record_groups(tiny)
-    items, triples, base, groups = scripted_machine(
-        tiny, monkeypatch, lambda g: 1.0 if g < first else (1.1, 1.2, 1.3)[g % 3], lambda g, p: 1.0)
-    store = ProfileStore(Cache(tmp_path), "cpu")
-    records, _ = ensure_records(items, get_target("cpu"), store, method=QUICK)
-    windows = []
+    windows: list[int] = []
     monkeypatch.setattr(measure_module, "_window", lambda step, method: windows.append(1) or real_window(step, method))
-    found, measured = ensure_contexts(triples, items, get_target("cpu"), store, method=QUICK)
-    middles = {(k[2], k[4]) for k in triples}
-    companions = sum(1 + len({("j", a) for _, a, bb, _, i in triples if (bb, i) == m}
-                             | {("k", c) for _, _, bb, c, i in triples if (bb, i) == m}) for m in middles)
-    rounds = QUICK.windows + QUICK.slow_rounds  # every context group runs slow here, so it takes every round
-    assert len(windows) == rounds * (len(triples) + companions + len(middles))  # + a reference per group
-    assert measured == len(triples) and len(groups) == first + len(middles)
-    wrong = 0
-    for (_, a, b, c, j), rec in found.items():
-        ms = {k: base[items[k].fingerprint] for k in [("block", b, j + 1), ("joint", a, b, j), ("joint", b, c, j + 1)]}
-        ratio = rec.median_ms / base[triples["triple", a, b, c, j].fingerprint]
-        own = min(groups[first:], key=lambda g: abs(g - ratio))
-        assert ratio == pytest.approx(own, rel=1e-12)
-        truth = base[triples["triple", a, b, c, j].fingerprint] + ms["block", b, j + 1] - ms["joint", a, b, j] \
-            - ms["joint", b, c, j + 1]
-        assert rec.context_ms == pytest.approx(own * truth, rel=1e-12, abs=1e-12)
-        control = rec.median_ms + records["block", b, j + 1].median_ms - records["joint", a, b, j].median_ms \
-            - records["joint", b, c, j + 1].median_ms
-        wrong += abs(control - own * truth) > 0.05
-    assert wrong == len(found)
-    assert all("in a slow spell" in rec.how for rec in found.values())
-    again, measured = ensure_contexts(triples, items, get_target("cpu"), ProfileStore(Cache(tmp_path), "cpu"),
-                                      method=QUICK)
-    assert measured == 0 and again == found
-
-
-def test_a_context_group_with_a_piece_caught_alone_is_measured_again(tiny, tmp_path, monkeypatch) -> None:
-    """In the first context group's first measurement one joint runs 1.5x slow in every window (the rest of the
-    machine is quiet):
-    that group is measured again and every context term comes out exact; the triples around the other
-    middle blocks are measured once."""
-    from dery.cache import Cache
-    from dery.passes.profile import ensure_contexts
-
-    first = record_groups(tiny)
-    caught: list[str] = []
-
-    def odd(g: int, name: str) -> float:
-        if g == first and name.count(">") == 1 and not caught:
-            caught.append(name)
-        return 1.5 if g == first and caught and name == caught[0] else 1.0
-
-    items, triples, base, groups = scripted_machine(tiny, monkeypatch, lambda g: 1.0, odd)
+    speeds = (1.0, 1.1, 1.2, 1.3)
+    monkeypatch.setattr(profile_pass, "CHUNK", 8)
+    items, base, groups = scripted_machine(tiny, monkeypatch, lambda g: speeds[g % 4], lambda g, p: 1.0, seen=1.0)
     store = ProfileStore(Cache(tmp_path), "cpu")
-    ensure_records(items, get_target("cpu"), store, method=QUICK)
-    found, _ = ensure_contexts(triples, items, get_target("cpu"), store, method=QUICK)
-    assert caught and len(groups) == first + len({(k[2], k[4]) for k in triples}) + 1
-    for (_, a, b, c, j), rec in found.items():
-        truth = base[triples["triple", a, b, c, j].fingerprint] + base[items["block", b, j + 1].fingerprint] \
-            - base[items["joint", a, b, j].fingerprint] - base[items["joint", b, c, j + 1].fingerprint]
-        assert rec.context_ms == pytest.approx(truth, rel=1e-9, abs=1e-12)
+    costs = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"), store, tiny.cache,
+                                 method=QUICK)
+    chunks = -(-len(items) // profile_pass.CHUNK)
+    assert chunks > 2 and groups == [1.0] * chunks
+    sizes = [min(profile_pass.CHUNK, len(items) - g * profile_pass.CHUNK) for g in range(chunks)]
+    rounds = [QUICK.windows + (QUICK.slow_rounds if speeds[g % 4] > 1 + SLOW else 0) for g in range(chunks)]
+    assert costs.measured == len(items) and len(windows) == sum(r * (n + 1) for r, n in zip(rounds, sizes))
+    order = {k: i for i, k in enumerate(items)}
+    wrong = 0
+    for key in [k for k in items if k[0] == "triple"]:
+        truth = true_context(items, base, key)
+        assert costs.context_ms(*key[1:]) == pytest.approx(truth, rel=1e-9, abs=1e-12)
+        triple, middle, first, second = (base[items[k].fingerprint] * speeds[order[k] // profile_pass.CHUNK % 4]
+                                         for k in profile_pass.parts(key))
+        wrong += abs(triple + middle - first - second - truth) > 0.05
+    assert wrong > len(costs.triples) / 2
+    again = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"),
+                                 ProfileStore(Cache(tmp_path), "cpu"), tiny.cache, method=QUICK)
+    assert again.measured == 0 and again.triples == costs.triples
+
+
+def test_a_piece_caught_alone_in_a_slow_spell_is_measured_again(tiny, tmp_path, monkeypatch) -> None:
+    """One joint runs 1.5x slow in every window of its group (the rest of the machine is quiet), which puts
+    the context terms resting on it far beyond real ones: their four pieces are measured again together and
+    every context term comes out exact. With no retries (the control) those terms stay wrong."""
+    from dery.cache import Cache
+
+    listed = pieces(tiny.lowered, tiny.partition, tiny.stitches, 1, tiny.cache)
+    joint = next(k for k in listed if k[0] == "joint")
+    timed: list = []
+    real = profile_pass.measure_pieces
+    monkeypatch.setattr(profile_pass, "measure_pieces", lambda chunk, *args: timed.extend(chunk) or real(chunk, *args))
+    for retries, exact in ((profile_pass.RETRIES, True), (0, False)):
+        caught: list[int] = []
+        timed.clear()
+
+        def odd(g: int, name: str, caught: list[int] = caught) -> float:
+            if name != listed[joint].name:
+                return 1.0
+            caught[:] = caught or [g]
+            return 1.5 if g == caught[0] else 1.0
+
+        monkeypatch.setattr(profile_pass, "RETRIES", retries)
+        items, base, _ = scripted_machine(tiny, monkeypatch, lambda g: 1.0, odd)
+        costs = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"),
+                                     ProfileStore(Cache(tmp_path / str(retries)), "cpu"), tiny.cache, method=QUICK)
+        resting = [k for k in items if k[0] == "triple" and joint in profile_pass.parts(k)]
+        assert resting and caught
+        for key in resting:
+            right = costs.context_ms(*key[1:]) == pytest.approx(true_context(items, base, key), rel=1e-9, abs=1e-12)
+            assert right == exact, (retries, key)
+        again = {p for k in resting for p in profile_pass.parts(k)}
+        assert costs.measured == len(items) and len(timed) == len(items) + (len(again) if exact else 0)
 
 
 def test_boundaries_in_context_bring_block_sums_to_the_whole_network(tiny) -> None:
