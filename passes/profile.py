@@ -71,11 +71,11 @@ class Costs:
     def context_ms(self, a: str, b: str, c: str, j: int) -> float:
         """What boundaries j and j + 1 add together beyond each alone: the triple a, b, c less its two joints,
         plus its middle block (counted by both joints); none when any of the four is an estimate."""
-        triple, middle, first, second = (self.triples[a, b, c, j], self.blocks[b, j + 1], self.joints[a, b, j],
-                                         self.joints[b, c, j + 1])
-        if triple.estimated or middle.estimated or first.estimated or second.estimated:
+        records = (self.triples[a, b, c, j], self.blocks[b, j + 1], self.joints[a, b, j], self.joints[b, c, j + 1])
+        if any(r.estimated for r in records):
             return 0.0
-        return triple.median_ms + middle.median_ms - first.median_ms - second.median_ms
+        triple, middle, first, second = (r.median_ms for r in records)
+        return triple + middle - first - second
 
     def used(self, models: Sequence[str]) -> list[LatencyRecord]:
         """The records an assembly's in-context latency is made of."""
