@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from dery.errors import DeryError
+from dery.errors import DeryError, InternalError
 from dery.ir import Block, CutPoint
 from dery.zoo import Network
 from torch.utils.flop_counter import FlopCounterMode
@@ -196,7 +196,7 @@ class Lowered:
             elif kind == "static":
                 env[n] = g.node_copy(n, arg)
             else:
-                raise DeryError(f"internal: segment {first}->{last} of {self.name} needs {n.name} from outside")
+                raise InternalError(f"segment {first}->{last} of {self.name} needs {n.name} from outside")
             return env[n]
 
         for n in self._span(first, last):

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 import highspy
 import numpy as np
-from dery.errors import FAILED, USAGE, DeryError
+from dery.errors import FAILED, USAGE, DeryError, InternalError
 from dery.highs import exact_highs
 from dery.ir import Partition
 
@@ -314,7 +314,7 @@ class _Mip:
         elif status in (highspy.HighsModelStatus.kTimeLimit, highspy.HighsModelStatus.kInterrupt):
             label = "time_limit"
         else:
-            raise DeryError(f"internal: HiGHS stopped the partition MIP with status "
+            raise InternalError(f"HiGHS stopped the partition MIP with status "
                             f"{self.h.modelStatusToString(status)}")
         if self.h.getInfo().primal_solution_status != highspy.kSolutionStatusFeasible:
             return start, label, self.upper()

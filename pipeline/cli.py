@@ -1,7 +1,8 @@
 """Command line: `dery-compile` and `dery <subcommand>`.
 
 User errors print one line on stderr and exit 2 (bad usage) or 1 (failed
-run); --debug shows tracebacks. Interrupting a run loses nothing that was
+run); bugs print their traceback and ask for a report (exit 1); --debug
+re-raises every error with its traceback. Interrupting a run loses nothing that was
 finished: caches and profile records are written as they are made.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -236,9 +238,10 @@ def _dispatch(handler: Handler, args: argparse.Namespace) -> int:
     except Exception as e:
         if getattr(args, "debug", False):
             raise
-        where = next((n for n in getattr(e, "__notes__", []) if "dery pass" in n), "")
-        print(f"dery: internal error {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        where = next((n.strip("()") for n in getattr(e, "__notes__", []) if "dery pass" in n), "dery")
+        print(f"dery: internal error in {where}: {type(e).__name__}; this is a bug in dery, please report it "
+              f"with the traceback above", file=sys.stderr)
         return FAILED
 
 

@@ -1,7 +1,7 @@
-"""The one exception type for problems the user can fix.
+"""The two kinds of error: what the user can fix, and bugs.
 
-The CLI catches it and prints one line; everything else is a bug and keeps its
-traceback.
+The CLI prints a `DeryError` as one line. Anything else, `InternalError`
+included, is a bug: the CLI shows its traceback and asks for a report.
 """
 from __future__ import annotations
 
@@ -30,3 +30,7 @@ class DeryError(Exception):
         if self.pass_name is None:
             self.pass_name = name
         return self
+
+
+class InternalError(RuntimeError):
+    """A broken invariant inside dery: a bug, never the user's input."""

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.nn as nn
 
-from .errors import DeryError
+from .errors import DeryError, InternalError
 
 OPSET = 18
 INPUT = "x"
@@ -50,7 +50,7 @@ def _resolve(graph: gs.Graph, name: str) -> gs.Variable:
     """The real tensor behind a graph output (exporters may add Identity nodes in front of outputs)."""
     tensors = graph.tensors()
     if name not in tensors:
-        raise DeryError(f"internal: tensor {name!r} is not in the exported graph")
+        raise InternalError(f"tensor {name!r} is not in the exported graph")
     t = tensors[name]
     while len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
         t = t.inputs[0].inputs[0]
@@ -63,7 +63,7 @@ def extract(model: onnx.ModelProto, first: str, last: str, *, input_name: str = 
     graph = gs.import_onnx(model)
     src, dst = _resolve(graph, first), _resolve(graph, last)
     if dst is src:
-        raise DeryError(f"internal: empty segment {first} -> {last}")
+        raise InternalError(f"empty segment {first} -> {last}")
     for i, t in enumerate([*graph.inputs, *graph.outputs]):
         if t is not src and t is not dst and t.name in (input_name, output_name):
             t.name = f"dropped:{i}"
@@ -78,7 +78,7 @@ def extract(model: onnx.ModelProto, first: str, last: str, *, input_name: str = 
     sub.opset_import.extend(model.opset_import)
     missing = {i.name for i in sub.graph.input} - {input_name}
     if missing:
-        raise DeryError(f"internal: segment {first} -> {last} needs more inputs than its first cut: {sorted(missing)}")
+        raise InternalError(f"segment {first} -> {last} needs more inputs than its first cut: {sorted(missing)}")
     return sub
 
 
