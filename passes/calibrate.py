@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dery import progress
+from dery import defaults, progress
 from dery.backends import availability, get_backend
 from dery.ir import Partition
 from dery.measure import Method, Timing
@@ -80,7 +80,8 @@ def engine_latencies(assemblies: Sequence[tuple[str, ...]], zoo: Sequence[Lowere
 
 
 def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, costs: Costs, target: Target,
-              store: ProfileStore, *, assemblies: int = 12, seed: int = 0) -> Calibration:
+              store: ProfileStore, *, assemblies: int = defaults.CALIBRATION_ASSEMBLIES,
+              seed: int = defaults.SEED) -> Calibration:
     """The calibrate pass: add this zoo's points when the target is here, then fit them (a zoo of networks
     ten times larger or smaller caches and fuses differently; other zoos' points are not mixed in).
 

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 
 import highspy
 import numpy as np
+from dery import defaults
 from dery.errors import FAILED, USAGE, DeryError, InternalError
 from dery.highs import exact_highs
 from dery.ir import Partition
@@ -76,7 +77,7 @@ class PartitionProblem:
     k: int
     max_share: float
     names: tuple[str, ...]
-    balance: str = "params"
+    balance: str = defaults.BALANCE
 
     def __post_init__(self) -> None:
         sim = np.array(self.sim, dtype=float)
@@ -415,7 +416,8 @@ def synthetic_problem(seed: int, models: int, cuts: tuple[int, int], k: int, sla
     return PartitionProblem(sim, tuple(groups), tuple(cum), k, (1.0 + slack) / k, names)
 
 
-def partition(zoo: Sequence[Lowered], sim: Similarity, k: int, *, balance: str = "params", slack: float = 0.5,
+def partition(zoo: Sequence[Lowered], sim: Similarity, k: int, *, balance: str = defaults.BALANCE,
+              slack: float = defaults.SLACK,
               segment_cost: Callable[[Lowered, str | None, str | None], float] | None = None,
               time_limit_s: float | None = None) -> Partition:
     """The partition pass: K balanced blocks per network maximising within-set CKA, solved exactly.

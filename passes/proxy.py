@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dery import progress
+from dery import defaults, progress
 from dery.cache import Cache, content_key
 from dery.data import Dataset
 from dery.errors import USAGE, DeryError
@@ -56,8 +56,8 @@ from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches
 from torch.overrides import TorchFunctionMode
 
-PREDICTORS = ("pairwise", "pairwise-log", "stitch-r2", "member-acc")
-PROXIES = ("val-acc", "naswot", "linear-probe")
+PREDICTORS = defaults.PREDICTORS
+PROXIES = defaults.PROXIES
 # Module or traced functional form alike, every activation runs through one of these.
 ACTIVATIONS = frozenset({F.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, F.mish,
                          torch.relu, torch.Tensor.relu})
@@ -131,7 +131,7 @@ def switch_accuracies(zoo: Sequence[Lowered], partition: Partition, stitches: St
 
 
 def quality(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, data: Dataset, cache: Cache,
-            predictor: str = "pairwise-log") -> Quality:
+            predictor: str = defaults.PREDICTOR) -> Quality:
     """The proxy pass: unary and pairwise quality terms for the program."""
     if predictor not in PREDICTORS:
         raise DeryError(f"unknown quality predictor {predictor!r}; known: {', '.join(PREDICTORS)}", exit_code=USAGE)

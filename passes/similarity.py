@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from dery import progress
+from dery import defaults, progress
 from dery.cache import Cache, content_key, load_npy, save_npy
 from dery.data import Dataset
 from dery.errors import USAGE, DeryError
@@ -117,7 +117,7 @@ def model_grams(lowered: Lowered, images: torch.Tensor, *, mode: str, chunk: int
     return out
 
 
-def similarity(zoo: Sequence[Lowered], data: Dataset, cache: Cache, *, mode: str = "pooled",
+def similarity(zoo: Sequence[Lowered], data: Dataset, cache: Cache, *, mode: str = defaults.SIMILARITY,
                n: int | None = None, chunk: int | None = None) -> Similarity:
     """The similarity pass: CKA between all boundary cut points of the zoo on the probe split."""
     if mode not in MODES:

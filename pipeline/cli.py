@@ -13,12 +13,14 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from . import defaults
 from .errors import FAILED, USAGE, DeryError
 
-# The names dery.passes.proxy implements (kept here so that --help does not import torch; a test checks they agree).
-PREDICTORS = ("pairwise", "pairwise-log", "stitch-r2", "member-acc")
-PROXIES = ("val-acc", "naswot", "linear-probe")
+if TYPE_CHECKING:
+    from .driver import CompileConfig
+
 
 
 def _argument(convert: Callable[[str], float], ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
@@ -47,15 +49,17 @@ def _zoo_args(p: argparse.ArgumentParser) -> None:
                                  "NAME=CHECKPOINT or a dery checkpoint file (default: the embedded digits zoo)")
     p.add_argument("--data", type=Path, help="ImageFolder directory for probe and evaluation data "
                                              "(default: scikit-learn digits, shipped with the package)")
-    p.add_argument("--k", type=positive_int, default=4, help="blocks per network = equivalence sets (default 4)")
-    p.add_argument("--balance", choices=("params", "flops", "latency"), default="flops",
-                   help="what block-size balance is measured in (default flops)")
-    p.add_argument("--partition-slack", dest="slack", type=non_negative, default=0.5,
-                   help="each block holds at most (1+slack)/K of its network's cost (default 0.5)")
-    p.add_argument("--similarity", choices=("pooled", "full"), default="pooled",
-                   help="CKA on pooled features (DeRy) or full feature maps (default pooled)")
-    p.add_argument("--probe", type=positive_int, default=256, help="probe images for similarity and stitches")
-    p.add_argument("--seed", type=int, default=0, help="seed for data splits (default 0)")
+    p.add_argument("--k", type=positive_int, default=defaults.K,
+                   help=f"blocks per network = equivalence sets (default {defaults.K})")
+    p.add_argument("--balance", choices=defaults.BALANCES, default=defaults.BALANCE,
+                   help=f"what block-size balance is measured in (default {defaults.BALANCE})")
+    p.add_argument("--partition-slack", dest="slack", type=non_negative, default=defaults.SLACK,
+                   help=f"each block holds at most (1+slack)/K of its network's cost (default {defaults.SLACK})")
+    p.add_argument("--similarity", choices=defaults.SIMILARITIES, default=defaults.SIMILARITY,
+                   help=f"CKA on pooled features (DeRy) or full feature maps (default {defaults.SIMILARITY})")
+    p.add_argument("--probe", type=positive_int, default=defaults.PROBE,
+                   help=f"probe images for similarity and stitches (default {defaults.PROBE})")
+    p.add_argument("--seed", type=int, default=defaults.SEED, help=f"seed for data splits (default {defaults.SEED})")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -67,20 +71,22 @@ def _compile_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", dest="latency_ms", type=positive_ms, required=True,
                    help="latency budget of the compiled engine in milliseconds (hard constraint)")
     _zoo_args(p)
-    p.add_argument("--out", type=Path, default=Path("build"), help="output directory (default build/)")
+    p.add_argument("--out", type=Path, default=Path(defaults.OUT), help=f"output directory (default {defaults.OUT}/)")
     p.add_argument("--params-limit", type=non_negative, help="optional upper bound on parameters")
     p.add_argument("--flops-limit", type=non_negative, help="optional upper bound on FLOPs")
     p.add_argument("--memory-limit-mb", type=non_negative,
                    help="optional upper bound on peak activation memory (MB) of every block and stitch")
-    p.add_argument("--predictor", choices=PREDICTORS, default="pairwise-log",
-                   help="quality model used as the program's objective (default pairwise-log)")
-    p.add_argument("--rerank", choices=PROXIES, default="val-acc",
-                   help="whole-network proxy that re-ranks the program's best solutions (default val-acc)")
-    p.add_argument("--stitch-epochs", type=non_negative_int, default=0,
+    p.add_argument("--predictor", choices=defaults.PREDICTORS, default=defaults.PREDICTOR,
+                   help=f"quality model used as the program's objective (default {defaults.PREDICTOR})")
+    p.add_argument("--rerank", choices=defaults.PROXIES, default=defaults.RERANK,
+                   help=f"whole-network proxy that re-ranks the program's best solutions (default {defaults.RERANK})")
+    p.add_argument("--stitch-epochs", type=non_negative_int, default=defaults.STITCH_EPOCHS,
                    help="train the chosen assembly's stitches end to end for this many epochs on the train split "
                         "(default 0: the closed-form least-squares fit only)")
-    p.add_argument("--top", type=positive_int, default=5, help="how many best solutions to re-rank (default 5)")
-    p.add_argument("--max-rounds", type=positive_int, default=4, help="closed-loop rounds at most (default 4)")
+    p.add_argument("--top", type=positive_int, default=defaults.TOP,
+                   help=f"how many best solutions to re-rank (default {defaults.TOP})")
+    p.add_argument("--max-rounds", type=positive_int, default=defaults.MAX_ROUNDS,
+                   help=f"closed-loop rounds at most (default {defaults.MAX_ROUNDS})")
     p.add_argument("--save-problem", type=Path, help="also write the solved search problem (dery.problem/1)")
     p.add_argument("--pareto", action="store_true", help="also solve a sweep of budgets and plot them")
     p.add_argument("--allow-estimates", action="store_true",
@@ -148,20 +154,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_partition(args: argparse.Namespace) -> int:
-    from .cache import Cache
-    from .data import load_data
-    from .passes.lower import lower
-    from .passes.partition import partition, partition_json
-    from .passes.similarity import similarity
-    from .zoo import load_zoo, native_resolution, parse_zoo
+def _front_config(args: argparse.Namespace, target: str) -> CompileConfig:
+    """The CompileConfig of a command that runs a prefix of the pipeline (no budget: nothing is solved)."""
+    from .driver import CompileConfig
 
-    specs = parse_zoo(args.zoo)
-    cache = Cache()
-    data = load_data(args.data, native_resolution(specs), probe=args.probe, seed=args.seed)
-    lowered = [lower(n) for n in load_zoo(specs, data, cache)]
-    sim = similarity(lowered, data, cache, mode=args.similarity)
-    doc = partition_json(partition(lowered, sim, args.k, balance=args.balance, slack=args.slack))
+    return CompileConfig(target=target, latency_ms=1.0, zoo=args.zoo, data=args.data, k=args.k, balance=args.balance,
+                         slack=args.slack, similarity=args.similarity, probe=args.probe, seed=args.seed)
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from .driver import front
+    from .passes.partition import partition_json
+
+    doc = partition_json(front(_front_config(args, "cpu"), until="partition").partition)
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
@@ -172,7 +177,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .driver import CompileConfig, front
+    from .driver import front
     from .profile_store import merge_tables
 
     if args.merge:
@@ -184,9 +189,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return 0
     if args.target is None:
         raise DeryError("dery profile needs --target (or --merge A.json B.json -o C.json)", exit_code=USAGE)
-    s = front(CompileConfig(target=args.target, latency_ms=1.0, zoo=args.zoo, data=args.data, k=args.k,
-                            balance=args.balance, slack=args.slack, similarity=args.similarity, probe=args.probe,
-                            seed=args.seed))
+    s = front(_front_config(args, args.target), until="calibrate")
     cal = s.calibration
     print(f"{s.target.name}: measured {s.costs.measured} pieces, reused {s.costs.reused} from {s.store.path}; "
           f"calibration from {cal.points} engines: engine = {cal.intercept_ms:+.4f} ms + {cal.block_scale:.3f} x "

@@ -15,58 +15,62 @@ import dataclasses
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import progress
+from . import defaults, progress
 from .backends import availability
 from .cache import Cache, atomic_write_json, content_key, ensure_dir
 from .data import Dataset, load_data
-from .errors import USAGE, DeryError
+from .errors import USAGE, DeryError, InternalError
 from .ir import Partition, from_json, to_json
 from .measure import Method
 from .profile_store import ProfileStore, group_of
 from .targets import Target, get_target
 from .zoo import Network, load_zoo, native_resolution, parse_zoo
 
-PASSES = ("zoo", "lower", "similarity", "partition", "stitch", "profile", "calibrate", "proxy", "solve", "assemble",
-          "compile", "verify", "report")
-
+if TYPE_CHECKING:
+    from dery.passes.lower import Lowered
+    from dery.passes.profile import Costs
+    from dery.passes.proxy import Quality
+    from dery.passes.stitch import Stitches
+    from dery.profile_store import Calibration
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """Everything a `dery-compile` run depends on."""
+    """Everything a `dery-compile` run depends on; every default comes from `dery.defaults`."""
 
     target: str
     latency_ms: float
     zoo: str | None = None
     data: Path | None = None
-    out: Path = Path("build")
-    k: int = 4
-    balance: str = "flops"
-    slack: float = 0.5
-    similarity: str = "pooled"
-    probe: int = 256
-    predictor: str = "pairwise-log"
-    rerank: str = "val-acc"
-    top: int = 5
+    out: Path = Path(defaults.OUT)
+    k: int = defaults.K
+    balance: str = defaults.BALANCE
+    slack: float = defaults.SLACK
+    similarity: str = defaults.SIMILARITY
+    probe: int = defaults.PROBE
+    predictor: str = defaults.PREDICTOR
+    rerank: str = defaults.RERANK
+    top: int = defaults.TOP
     params_limit: float | None = None
     flops_limit: float | None = None
     memory_limit_mb: float | None = None
-    max_rounds: int = 4
-    stitch_epochs: int = 0
+    max_rounds: int = defaults.MAX_ROUNDS
+    stitch_epochs: int = defaults.STITCH_EPOCHS
     save_problem: Path | None = None
     pareto: bool = False
     allow_estimates: bool = False
-    seed: int = 0
+    seed: int = defaults.SEED
 
 
 @contextlib.contextmanager
 def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     """Run one pass: time it, and tag any error with the pass name."""
-    assert name in PASSES, name
+    if name not in PASSES:
+        raise InternalError(f"unknown pass {name!r}; the passes are {', '.join(PASSES)}")
     t0 = time.perf_counter()
     try:
         yield
@@ -95,88 +99,122 @@ def prepare_out(out: Path) -> Path:
     return ensure_dir(out, "--out directory")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Session:
-    """What the front half of the pipeline produced (everything the solve loop needs)."""
+    """What the front stages produce, filled in stage by stage (a prefix of FRONT leaves the rest None)."""
 
     config: CompileConfig
     target: Target
     device: str | None
     cache: Cache
-    data: Dataset
-    zoo: tuple[Network, ...]
-    lowered: tuple[Any, ...]
-    partition: Partition
-    stitches: Any
-    costs: Any
-    calibration: Any
-    quality: Any
     store: ProfileStore
+    on_missing: Callable[..., Any] | None
     timings: dict[str, float] = field(default_factory=dict)
+    data: Dataset | None = None
+    zoo: tuple[Network, ...] = ()
+    lowered: tuple[Lowered, ...] = ()
+    partition: Partition | None = None
+    stitches: Stitches | None = None
+    costs: Costs | None = None
+    calibration: Calibration | None = None
+    quality: Quality | None = None
 
 
-def cached_partition(cfg: CompileConfig, lowered: tuple, data: Dataset, cache: Cache, timings: dict,
-                     segment_ms: dict | None) -> Partition:
-    """The partition pass (its similarity input included), cached as IR JSON."""
+def _zoo(s: Session) -> None:
+    specs = parse_zoo(s.config.zoo)
+    s.data = load_data(s.config.data, native_resolution(specs), probe=s.config.probe, seed=s.config.seed)
+    s.zoo = load_zoo(specs, s.data, s.cache)
+
+
+def _lower(s: Session) -> None:
+    from dery.passes.lower import lower
+
+    s.lowered = tuple(lower(n) for n in s.zoo)
+
+
+def _partition(s: Session) -> None:
+    """similarity -> partition (latency-balanced partitions measure their segments first), cached as IR JSON."""
     from dery.passes.partition import partition
+    from dery.passes.profile import segment_latencies
     from dery.passes.similarity import similarity
 
+    cfg, segment_ms = s.config, None
+    if cfg.balance == "latency":
+        with stage("profile", s.timings):
+            segment_ms = segment_latencies(s.lowered, s.target, s.store, s.cache, on_missing=s.on_missing)
     key = content_key("partition", [(lw.name, lw.network.weights_key, [c.name for c in lw.boundary_cuts()])
-                                    for lw in lowered], data.fingerprint, cfg.similarity, cfg.probe, cfg.k,
+                                    for lw in s.lowered], s.data.fingerprint, cfg.similarity, cfg.probe, cfg.k,
                       cfg.balance, cfg.slack, sorted(map(str, (segment_ms or {}).items())), 2)
 
     def make() -> dict:
-        with stage("similarity", timings):
-            sim = similarity(lowered, data, cache, mode=cfg.similarity)
-        with stage("partition", timings):
-            cost = (lambda lw, a, b: segment_ms[lw.name, a, b]) if segment_ms is not None else None
-            return to_json(partition(lowered, sim, cfg.k, balance=cfg.balance, slack=cfg.slack, segment_cost=cost))
+        with stage("similarity", s.timings):
+            sim = similarity(s.lowered, s.data, s.cache, mode=cfg.similarity)
+        cost = (lambda lw, a, b: segment_ms[lw.name, a, b]) if segment_ms is not None else None
+        return to_json(partition(s.lowered, sim, cfg.k, balance=cfg.balance, slack=cfg.slack, segment_cost=cost))
 
-    return from_json(Partition, cache.json("partition", key, make, what="partition"))
+    s.partition = from_json(Partition, s.cache.json("partition", key, make, what="partition"))
 
 
-def front(cfg: CompileConfig) -> Session:
-    """zoo -> lower -> similarity -> partition -> stitch -> profile -> calibrate -> proxy.
+def _stitch(s: Session) -> None:
+    from dery.passes.stitch import stitch
+
+    s.stitches = stitch(s.lowered, s.partition, s.data, s.cache)
+
+
+def _profile(s: Session) -> None:
+    from dery.passes.profile import profile
+
+    s.costs = profile(s.lowered, s.partition, s.stitches, s.target, s.store, s.cache, method=Method(),
+                      on_missing=s.on_missing)
+
+
+def _calibrate(s: Session) -> None:
+    from dery.passes.calibrate import calibrate
+
+    s.calibration = calibrate(s.lowered, s.partition, s.stitches, s.costs, s.target, s.store, seed=s.config.seed)
+
+
+def _proxy(s: Session) -> None:
+    from dery.passes.proxy import quality
+
+    s.quality = quality(s.lowered, s.partition, s.stitches, s.data, s.cache, s.config.predictor)
+
+
+# The front of the pipeline as data: each stage fills its fields of the Session; `dery partition` and
+# `dery profile` run prefixes of it. The solve loop (solve -> assemble -> compile -> verify) and report follow.
+FRONT: tuple[tuple[str, Callable[[Session], None]], ...] = (
+    ("zoo", _zoo), ("lower", _lower), ("partition", _partition), ("stitch", _stitch), ("profile", _profile),
+    ("calibrate", _calibrate), ("proxy", _proxy))
+PASSES = ("zoo", "lower", "similarity", "partition", "stitch", "profile", "calibrate", "proxy", "solve", "assemble",
+          "compile", "verify", "report")
+
+
+def front(cfg: CompileConfig, until: str = "proxy") -> Session:
+    """Run the FRONT stages up to and including `until`, each served from the cache where it can be.
 
     Without the target's device here, latencies come from stored records and, with
     --allow-estimates, from the estimate model for whatever is missing.
     """
-    from dery.passes.calibrate import calibrate
     from dery.passes.estimate import estimator
-    from dery.passes.lower import lower
-    from dery.passes.profile import profile, segment_latencies
-    from dery.passes.proxy import quality
-    from dery.passes.stitch import stitch
 
-    timings: dict[str, float] = {}
+    names = [name for name, _ in FRONT]
+    if until not in names:
+        raise InternalError(f"unknown front stage {until!r}; the stages are {', '.join(names)}")
     target = get_target(cfg.target)
     device, _ = availability(target)
     if not cfg.allow_estimates:
         check_target(target)
     cache = Cache()
     cache.ensure_writable()
-    with stage("zoo", timings):
-        specs = parse_zoo(cfg.zoo)
-        data = load_data(cfg.data, native_resolution(specs), probe=cfg.probe, seed=cfg.seed)
-        zoo = load_zoo(specs, data, cache)
-    with stage("lower", timings):
-        lowered = tuple(lower(n) for n in zoo)
-    store = ProfileStore(cache, target.name)
-    on_missing = estimator(target, cache) if cfg.allow_estimates else None
-    segment_ms = None
-    if cfg.balance == "latency":
-        with stage("profile", timings):
-            segment_ms = segment_latencies(lowered, target, store, cache, on_missing=on_missing)
-    part = cached_partition(cfg, lowered, data, cache, timings, segment_ms)
-    with stage("stitch", timings):
-        stitches = stitch(lowered, part, data, cache)
-    with stage("profile", timings):
-        costs = profile(lowered, part, stitches, target, store, cache, method=Method(), on_missing=on_missing)
-    with stage("calibrate", timings):
-        cal = calibrate(lowered, part, stitches, costs, target, store, seed=cfg.seed)
-    with stage("proxy", timings):
-        qual = quality(lowered, part, stitches, data, cache, cfg.predictor)
-    return Session(cfg, target, device, cache, data, zoo, lowered, part, stitches, costs, cal, qual, store, timings)
+    s = Session(cfg, target, device, cache, ProfileStore(cache, target.name),
+                estimator(target, cache) if cfg.allow_estimates else None)
+    for name, run in FRONT[:names.index(until) + 1]:
+        if name == "partition":  # times its similarity and (latency balance) profile stages itself
+            run(s)
+            continue
+        with stage(name, s.timings):
+            run(s)
+    return s
 
 
 def run_compile(cfg: CompileConfig) -> dict:

@@ -1,0 +1,23 @@
+"""The one source of every default a user can change: argparse, CompileConfig and the passes all read it.
+
+Torch-free, so that `--help` and `dery solve` stay light.
+"""
+from __future__ import annotations
+
+K = 4  # blocks per network = equivalence sets
+BALANCE = "flops"  # what block-size balance is measured in
+BALANCES = ("params", "flops", "latency")
+SLACK = 0.5  # each block holds at most (1 + slack) / K of its network's cost
+SIMILARITY = "pooled"  # CKA on pooled features (DeRy) or full feature maps
+SIMILARITIES = ("pooled", "full")
+PROBE = 256  # probe images for similarity and stitches
+SEED = 0
+PREDICTOR = "pairwise-log"  # the program's quality model (the best Kendall tau in benchmarks/results/quality.md)
+PREDICTORS = ("pairwise", "pairwise-log", "stitch-r2", "member-acc")
+RERANK = "val-acc"  # the whole-network proxy that re-ranks the program's best solutions
+PROXIES = ("val-acc", "naswot", "linear-probe")
+TOP = 5  # best solutions re-ranked
+MAX_ROUNDS = 4  # closed-loop rounds at most
+STITCH_EPOCHS = 0  # end-to-end stitch training of the chosen assembly (0: the least-squares fit only)
+CALIBRATION_ASSEMBLIES = 12  # random assemblies measured whole to calibrate the latency model
+OUT = "build"
