@@ -15,7 +15,6 @@ measured twice; other zoos' points serve only a device that is not here.
 """
 from __future__ import annotations
 
-import datetime
 import random
 import tempfile
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from dery import defaults, progress
 from dery.backends import availability, get_backend
-from dery.ir import Partition
+from dery.ir import Partition, utc_timestamp
 from dery.measure import Method, Timing
 from dery.passes.assemble import assemble
 from dery.passes.compile import compile_engine
@@ -92,7 +91,7 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
         return store.calibration_for(target)
     group = group_of(target, device)
     known = {p.assembly for p in store.calibration_points(group)}
-    when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    when = utc_timestamp()
     members = [(m,) * partition.k for m in partition.models]
     mixed = random_assemblies(partition, stitches, assemblies, seed)
     ids = {m: identity(m, partition, stitches, zoo) for m in [*members, *mixed]}

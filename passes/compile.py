@@ -8,7 +8,6 @@ shape), so loading it elsewhere fails with a clear message.
 """
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 from dery.backends import availability, get_backend, sidecar_path
 from dery.cache import atomic_write_bytes, atomic_write_json
+from dery.ir import utc_timestamp
 from dery.onnx_graph import INPUT, OUTPUT, export
 from dery.targets import Target
 
@@ -63,7 +63,7 @@ def compile_engine(module: nn.Module, input_shape: tuple[int, ...], target: Targ
         path = out_dir / f"{name}{backend.ENGINE_SUFFIX}"
         backend.build_engine(model, module, shape, path, target)
         built = {**backend.engine_info(),
-                 "built": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
+                 "built": utc_timestamp()}
         engine = Engine(path, sidecar_path(path), backend.NAME, backend.version(), device, target.precision, shape)
     with torch.no_grad():
         reference = [module(x).tolist() for x in check_inputs(shape)]

@@ -15,7 +15,6 @@ every figure that rests on one.
 """
 from __future__ import annotations
 
-import datetime
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from dery.backends import Piece
 from dery.cache import Cache
 from dery.errors import DeryError
-from dery.ir import LatencyRecord
+from dery.ir import LatencyRecord, utc_timestamp
 from dery.profile_store import ProfileStore
 from dery.targets import Target, registry
 from torch.utils.flop_counter import FlopCounterMode
@@ -93,7 +92,7 @@ def estimator(target: Target, cache: Cache) -> Callable[[dict[tuple, Piece]], di
         launch, eff = fitted if fitted is not None else priors(target)
         source = f"fitted on {len(samples)} records of other {target.device} targets" if fitted else \
             f"priors of {target.path}"
-        when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+        when = utc_timestamp()
         out = {}
         for key, piece in items.items():
             k, f, b = feats[key]

@@ -30,7 +30,6 @@ on the right device.
 """
 from __future__ import annotations
 
-import datetime
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from dery import progress
 from dery.backends import Backend, Piece, availability, get_backend
 from dery.cache import Cache, content_key
 from dery.errors import DeryError
-from dery.ir import LatencyRecord, Partition
+from dery.ir import LatencyRecord, Partition, utc_timestamp
 from dery.measure import Method
 from dery.onnx_graph import INPUT, OUTPUT, chain, cut_tensor, export, extract
 from dery.passes.lower import Lowered
@@ -227,7 +226,7 @@ def measure_pieces(items: Sequence[Piece], target: Target, device: str, backend:
     dery.reference), and return their records."""
     timings, reference_ms, anchor_ms, slow = measure_referenced(
         [backend.step(p, target) for p in items], backend.step(reference_piece(), target), method, pace)
-    when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    when = utc_timestamp()
     return [LatencyRecord(p.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
                           target.batch, (target.batch, *p.input_shape), t.median_ms, t.p90_ms, t.min_ms, t.cv,
                           t.runs, when, method.describe() + ("; noisy" if t.noisy else "")

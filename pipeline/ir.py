@@ -2,19 +2,16 @@
 
 Every value carries enough to be cached and reported: names of fx nodes, shapes
 at batch 1, fingerprints of what determines latency. `to_json`/`from_json` are
-exact inverses (tested), and every JSON document carries `SCHEMA`.
+exact inverses (tested).
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-SCHEMA = "dery.ir/1"
-
-LAYOUTS = ("nchw", "nhwc", "nlc", "nc", "other")
 
 T = TypeVar("T")
 
@@ -147,10 +144,6 @@ class Assembly:
     blocks: tuple[Block, ...]
     stitches: tuple[Stitch | None, ...]
 
-    @property
-    def label(self) -> str:
-        return " > ".join(self.models)
-
 
 def to_json(value: Any) -> Any:
     """A dataclass (nested) as plain JSON values; tuples become lists."""
@@ -186,3 +179,8 @@ def from_json(cls: type[T], raw: dict[str, Any]) -> T:
     """Inverse of `to_json` for one of the IR dataclasses."""
     hints = typing.get_type_hints(cls)
     return cls(**{f.name: _build(hints[f.name], raw[f.name]) for f in dataclasses.fields(cls) if f.name in raw})
+
+
+def utc_timestamp() -> str:
+    """Now, in UTC to the second, as ISO 8601: the `when` of every record, point and engine."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
