@@ -68,7 +68,7 @@ class CompileConfig:
 
 @contextlib.contextmanager
 def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
-    """Run one pass: time it, and tag any error with the pass name."""
+    """Run one pass: time it, say so in one line when stderr is no terminal, and tag any error with the pass name."""
     if name not in PASSES:
         raise InternalError(f"unknown pass {name!r}; the passes are {', '.join(PASSES)}")
     t0 = time.perf_counter()
@@ -81,7 +81,10 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
         e.add_note(f"(in dery pass {name!r})")
         raise
     finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        timings[name] = timings.get(name, 0.0) + elapsed
+        if not progress.enabled():
+            progress.say(f"dery: {name} {elapsed:.1f} s")
 
 
 def check_target(target: Target) -> None:

@@ -27,11 +27,11 @@ PROBLEM = {
 }
 
 
-def command(*argv: str) -> subprocess.CompletedProcess:
-    """Run an installed console script with the test session's cache and environment."""
+def command(*argv: str, quiet: bool = True) -> subprocess.CompletedProcess:
+    """Run an installed console script with the test session's cache and environment (its output a pipe)."""
     exe, *rest = argv
-    return subprocess.run([str(BIN / exe), *rest], capture_output=True, text=True, env=dict(os.environ),
-                          timeout=600)
+    env = {k: v for k, v in os.environ.items() if quiet or k != "DERY_QUIET"}
+    return subprocess.run([str(BIN / exe), *rest], capture_output=True, text=True, env=env, timeout=600)
 
 
 def one_line(err: str) -> str:
@@ -96,8 +96,10 @@ def test_compile_then_bench_the_engine(tiny, tmp_path) -> None:
     budget = (lat[0] + lat[-1]) / 2
     out = tmp_path / "out"
     r = command("dery-compile", "--target", "cpu", "--latency-ms", f"{budget:.6f}", "--zoo", "tiny", "--k", "3",
-                "--out", str(out))
+                "--out", str(out), quiet=False)
     assert r.returncode == 0, r.stderr
+    passes = [line.split()[1] for line in r.stderr.splitlines() if line.startswith("dery: ") and line.endswith(" s")]
+    assert {"zoo", "lower", "stitch", "profile", "calibrate", "proxy", "solve", "compile", "verify"} <= set(passes)
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and report["measured_latency_ms"] <= budget
     line = one_line(r.stdout)
