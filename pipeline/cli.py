@@ -224,6 +224,18 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_disassemble(args: argparse.Namespace) -> int:
+    from .passes.disassemble import cmd_disassemble as run
+
+    return run(args)
+
+
+def cmd_assemble(args: argparse.Namespace) -> int:
+    from .passes.lego import cmd_assemble as run
+
+    return run(args)
+
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -288,6 +300,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(handler=cmd_bench)
+    p = sub.add_parser("disassemble", help="extract the component of one network for some classes (Model LEGO)")
+    p.add_argument("model", help="one zoo member: a default-zoo name (e.g. resnet_wide), a dery checkpoint, "
+                                 "NAME=CHECKPOINT or a timm name")
+    p.add_argument("--classes", required=True, help="comma-separated class indices or names to keep")
+    p.add_argument("-o", "--output", type=Path, required=True, help="component checkpoint to write (.pt)")
+    p.add_argument("--data", type=Path, help="ImageFolder directory (default: the embedded digits)")
+    p.add_argument("--seed", type=int, default=defaults.SEED, help=f"seed for data splits (default {defaults.SEED})")
+    for kind, t, value in (("conv", "alpha", defaults.CONV_ALPHA), ("conv", "beta", defaults.CONV_BETA),
+                           ("linear", "alpha", defaults.LINEAR_ALPHA), ("linear", "beta", defaults.LINEAR_BETA)):
+        p.add_argument(f"--{kind}-{t}", dest=f"{kind}_{t}", type=float, default=value,
+                       help=f"{kind} {t} threshold in [0, 1] (default {value})")
+    p.add_argument("--samples", type=positive_int, default=defaults.LEGO_SAMPLES,
+                   help=f"at least this many confidently correct training samples per class "
+                        f"(default {defaults.LEGO_SAMPLES})")
+    p.add_argument("--no-scale", action="store_true", help="skip parameter scaling of the logits")
+    _common(p)
+    p.set_defaults(handler=cmd_disassemble)
+    p = sub.add_parser("assemble", help="assemble component checkpoints into one classifier for all their classes")
+    p.add_argument("parts", nargs="+", type=Path, help="component checkpoints written by `dery disassemble`")
+    p.add_argument("-o", "--output", type=Path, required=True, help="assembled checkpoint to write (.pt)")
+    _common(p)
+    p.set_defaults(handler=cmd_assemble)
     p = sub.add_parser("targets", help="list targets and whether they can run here")
     _common(p)
     p.set_defaults(handler=cmd_targets)

@@ -21,3 +21,8 @@ MAX_ROUNDS = 4  # closed-loop rounds at most
 STITCH_EPOCHS = 0  # end-to-end stitch training of the chosen assembly (0: the least-squares fit only)
 CALIBRATION_ASSEMBLIES = 12  # random assemblies measured whole to calibrate the latency model
 OUT = "build"
+
+# Model LEGO (dery disassemble): alpha/beta thresholds per layer kind (the paper's), confident samples per class.
+CONV_ALPHA, CONV_BETA = 0.3, 0.2
+LINEAR_ALPHA, LINEAR_BETA = 0.4, 0.3
+LEGO_SAMPLES = 32

@@ -79,6 +79,7 @@ PRESETS: dict[str, tuple[MemberSpec, ...]] = {
     "default": _DIGITS_MEMBERS,  # six architectures, trained on digits in a few minutes
     "tiny": _TINY_MEMBERS,  # three of them, briefly trained: for quick trials and the test suite
 }
+_DEFAULT_MEMBERS = {m.name: m for m in _DIGITS_MEMBERS}  # `--zoo resnet_wide` names one member of the default zoo
 
 
 class Normalized(nn.Module):
@@ -137,6 +138,8 @@ def parse_zoo(spec: str | None) -> tuple[MemberSpec, ...]:
     for item in items:
         if item in PRESETS:
             members.extend(PRESETS[item])
+        elif item in _DEFAULT_MEMBERS:
+            members.append(_DEFAULT_MEMBERS[item])
         elif "=" in item:
             arch, path = item.split("=", 1)
             if not timm.is_model(arch):
@@ -266,8 +269,9 @@ def load_member(spec: MemberSpec, data: Dataset | None, cache: Cache) -> Network
         def save(m: Normalized, p: Path) -> None:
             torch.save({"format": CHECKPOINT_FORMAT, "name": spec.name, "arch": spec.arch,
                         "kwargs": [list(kv) for kv in spec.kwargs], "resolution": spec.resolution,
-                        "num_classes": data.num_classes, "mean": m.mean.flatten().tolist(),
-                        "std": m.std.flatten().tolist(), "state_dict": m.net.state_dict()}, p)
+                        "num_classes": data.num_classes, "classes": list(data.classes),
+                        "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist(),
+                        "state_dict": m.net.state_dict()}, p)
 
         module = cache.get_or_make("zoo", f"{spec.name}-{key}", ".pt", make=make, save=save,
                                    load=lambda p: _load_dery_checkpoint(spec, p), what="trained zoo member")
@@ -289,6 +293,10 @@ def load_member(spec: MemberSpec, data: Dataset | None, cache: Cache) -> Network
 
 def _load_dery_checkpoint(spec: MemberSpec, path: Path) -> Normalized:
     ckpt = _read_checkpoint(path)
+    if "lego" in ckpt:
+        from dery.passes.lego import module_from_checkpoint
+
+        return module_from_checkpoint(ckpt)
     net = _build(MemberSpec(spec.name, ckpt["arch"], "train", tuple(map(tuple, ckpt["kwargs"]))),
                  int(ckpt["num_classes"]))
     net.load_state_dict(ckpt["state_dict"])

@@ -177,7 +177,7 @@ def test_infeasible_cap_names_the_network_and_its_minimum_share():
     even = np.arange(1, 12) / 12
     lumpy = np.array([0.05, 0.1, 0.15, 0.6, 0.95])  # one segment holds 45% of the network
     problem = PartitionProblem(random_sim(rng, 11 + lumpy.size), (np.arange(11), 11 + np.arange(lumpy.size)),
-                               (even, lumpy), 4, 1.5 / 4, ("even_net", "resnet_wide"))
+                               (even, lumpy), 4, 1.5 / 4, ("even_net", "resnet_wide"), balance="params")
     need = min_max_share(lumpy, 4)
     assert need > problem.max_share
     assert need == pytest.approx(brute_min_max(lumpy, 4))
@@ -224,11 +224,24 @@ def test_degenerate_sizes():
 
 
 def test_time_limit_returns_a_valid_incumbent_with_its_gap():
-    problem = synthetic_problem(5, 8, (26, 30), 4, slack=3.0)
+    """Stopped at once, the answer is a feasible partition (every constraint, the cap without tolerance),
+    its objective is its own by definition and below the proven optimum, and its gap covers the distance to
+    that optimum (the bound it comes from is a true upper bound)."""
+    problem = synthetic_problem(5, 4, (12, 16), 4, slack=3.0)
+    problem = replace(problem, max_share=max(min_max_share(c, 4) for c in problem.cum) + 0.02)
     found = solve_partition(problem, time_limit_s=0.0)
     assert found.status == "time_limit"
-    assert_valid(problem, found.choice)
-    assert found.gap is not None and found.gap >= 0.0
+    assert len(found.choice) == len(problem.groups)
+    for cum, c in zip(problem.cum, found.choice):
+        assert len(c) == problem.k - 1 and all(0 <= x < cum.size for x in c)
+        assert list(c) == sorted(set(c)), c
+        assert shares(cum, c).max() <= problem.max_share
+    assert found.objective == pytest.approx(objective_by_definition(problem, found.choice), abs=1e-9)
+    optimum = solve_partition(problem)
+    assert optimum.status == "optimal" and optimum.gap == 0.0
+    assert found.objective <= optimum.objective + 1e-9
+    assert found.gap is not None
+    assert found.gap >= (optimum.objective - found.objective) / abs(found.objective) - 1e-9, (found, optimum)
 
 
 @pytest.mark.slow
