@@ -52,13 +52,36 @@ def test_damaged_cache_artifact_is_named_not_recomputed(tmp_path) -> None:
 
 
 def test_digits_splits_are_disjoint_deterministic_and_sized() -> None:
+    """Every pair of train/val/test shares no image, probe is the head of train and shares none with val or
+    test, and train + val + test is the whole distorted dataset, each image with its own label."""
+    import itertools
+
+    import torch.nn.functional as F
+    from dery.data import DIGITS_DISTORTION, _to_uint8
+    from sklearn.datasets import load_digits
+
     a, b = digits(16), digits(16)
     assert a.fingerprint == b.fingerprint and torch.equal(a.split("test").images, b.split("test").images)
-    n = sum(len(a.split(s)) for s in ("train", "val", "test"))
-    assert n == 1797 and a.split("train").images.shape[1:] == (3, 16, 16)
-    flat = {s: {bytes(x.numpy()) for x in a.split(s).images} for s in ("train", "val", "test")}
-    assert len(flat["val"] & flat["test"]) < 5  # digits has a few duplicate images, no shared split
+    sizes = {s: len(a.split(s)) for s in ("train", "val", "test")}
+    assert sizes == {"train": 1078, "val": 270, "test": 449} and a.split("train").images.shape[1:] == (3, 16, 16)
+    pairs = {s: [(bytes(x.numpy()), int(y)) for x, y in zip(a.split(s).images, a.split(s).labels)]
+             for s in ("train", "probe", "val", "test")}
+    images = {s: {img for img, _ in v} for s, v in pairs.items()}
+    assert all(len(images[s]) == len(pairs[s]) for s in pairs)  # no image twice within a split
+    for s, t in itertools.combinations(pairs, 2):
+        if {s, t} == {"train", "probe"}:
+            assert images["probe"] <= images["train"]
+        else:
+            assert not images[s] & images[t], (s, t)
     assert torch.equal(a.split("probe").images, a.split("train").images[:256])
+    raw = load_digits()
+    x = F.interpolate(torch.tensor(raw.images, dtype=torch.float32)[:, None] / 16.0, size=(32, 32),
+                      mode="bilinear", align_corners=False)
+    x = F.interpolate(DIGITS_DISTORTION(x, torch.Generator().manual_seed(0)), size=(16, 16), mode="bilinear",
+                      align_corners=False)
+    whole = {(bytes(img.numpy()), int(y)) for img, y in zip(_to_uint8(x.repeat(1, 3, 1, 1)), raw.target)}
+    assert len(whole) == 1797
+    assert set(pairs["train"]) | set(pairs["val"]) | set(pairs["test"]) == whole
     assert digits(16, seed=1).fingerprint != a.fingerprint
 
 

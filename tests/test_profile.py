@@ -327,20 +327,32 @@ def test_calibration_points_of_the_zoo_are_stored_once(tiny) -> None:
 
 
 def test_the_program_prices_every_assembly_at_its_calibrated_in_context_sum(tiny, tmp_path) -> None:
+    """With K = 3 an assembly's in-context latency (blocks, each boundary's joint less its blocks, the
+    adjacent pair's triple less its joints plus its middle block) telescopes to its triple's record: the
+    program prices every assembly with a stitch at each switch at that record through the calibration's
+    coefficients, and lists no other assembly."""
     from dery.driver import Search
-    from dery.passes.calibrate import switches
 
+    assert tiny.partition.k == 3
     problem = Search(tiny, tmp_path).problem(1e9)
     assert all(t.resources["latency_ms"] >= 0 for t in problem.transitions)
     joins = {(t.source, t.target) for t in problem.transitions}
+    cal = tiny.calibration
     priced = 0
-    for models in itertools.product(tiny.partition.models, repeat=tiny.partition.k):
+    for models in itertools.product(tiny.partition.models, repeat=3):
         chosen = assembly_ids(models)
-        if all(pair in joins for pair in zip(chosen, chosen[1:])):
-            assert chosen_models(Solution("optimal", tuple(chosen))) == models
-            want = tiny.calibration.predict(*tiny.costs.sums(models), switches(models))
-            assert problem.evaluate(chosen)[1]["latency_ms"] == pytest.approx(want, rel=1e-9, abs=1e-12)
-            priced += 1
+        stitched = all(a == b or tiny.stitches.get(a, b, j) is not None
+                       for j, (a, b) in enumerate(zip(models, models[1:])))
+        assert all(pair in joins for pair in zip(chosen, chosen[1:])) == stitched, models
+        if not stitched:
+            continue
+        assert chosen_models(Solution("optimal", tuple(chosen))) == models
+        blocks = sum(tiny.costs.blocks[m, k].median_ms for k, m in enumerate(models))
+        triple = tiny.costs.triples[(*models, 0)].median_ms
+        want = (cal.intercept_ms + cal.block_scale * blocks + cal.boundary_scale * (triple - blocks)
+                + cal.per_stitch_ms * sum(a != b for a, b in zip(models, models[1:])))
+        assert problem.evaluate(chosen)[1]["latency_ms"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+        priced += 1
     assert priced > len(tiny.partition.models)
 
 

@@ -81,15 +81,37 @@ def test_pooling_follows_the_layout() -> None:
     assert torch.equal(pool(x[:, 0], "nlc"), x[:, 0].mean(1))
 
 
-def test_similarity_pass_on_the_zoo_is_cached_and_consistent(tiny) -> None:
-    sim = similarity(tiny.lowered, tiny.data, tiny.cache, n=64)
+def test_similarity_pass_on_the_zoo_is_cached_and_consistent(tiny, tmp_path, monkeypatch) -> None:
+    """In an empty cache the first call computes each network's Grams once; a second call with Gram
+    computation made to raise returns the identical matrix, so every Gram came from the cache; another
+    chunking is another key (it computes)."""
+    from dery.cache import Cache
+    from dery.passes import similarity as similarity_pass
+
+    cache = Cache(tmp_path)
+    real = similarity_pass.model_grams
+    computed: list[str] = []
+
+    def counted(lw, *args, **kwargs):
+        computed.append(lw.name)
+        return real(lw, *args, **kwargs)
+
+    monkeypatch.setattr(similarity_pass, "model_grams", counted)
+    sim = similarity(tiny.lowered, tiny.data, cache, n=64)
+    assert computed == [lw.name for lw in tiny.lowered]
     assert sim.matrix.shape == (len(sim.points),) * 2
     assert np.allclose(sim.matrix, sim.matrix.T) and np.allclose(np.diag(sim.matrix), 1.0)
     assert sim.estimator == "exact" and sim.n == 64
-    files = sorted((tiny.cache.root / "grams").glob("*.npy"))
-    again = similarity(tiny.lowered, tiny.data, tiny.cache, n=64)
-    assert sorted((tiny.cache.root / "grams").glob("*.npy")) == files
-    assert np.array_equal(again.matrix, sim.matrix)
-    mb = similarity(tiny.lowered, tiny.data, tiny.cache, n=64, chunk=32)
+
+    def missed(lw, *args, **kwargs):
+        raise AssertionError(f"cache miss: the Grams of {lw.name} were computed again")
+
+    monkeypatch.setattr(similarity_pass, "model_grams", missed)
+    again = similarity(tiny.lowered, tiny.data, cache, n=64)
+    assert np.array_equal(again.matrix, sim.matrix) and again.points == sim.points
+    with pytest.raises(AssertionError, match="cache miss"):
+        similarity(tiny.lowered, tiny.data, cache, n=64, chunk=32)
+    monkeypatch.setattr(similarity_pass, "model_grams", real)
+    mb = similarity(tiny.lowered, tiny.data, cache, n=64, chunk=32)
     assert mb.estimator == "minibatch"
     assert np.corrcoef(mb.matrix.ravel(), sim.matrix.ravel())[0, 1] > 0.9
