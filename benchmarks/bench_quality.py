@@ -36,7 +36,8 @@ from dery.driver import CompileConfig, Search, Session, front
 from dery.evaluate import accuracy, reference_labels
 from dery.passes.assemble import assemble
 from dery.passes.proxy import PREDICTORS, PROXIES, quality, whole_network_score
-from dery.passes.solve import assembly_ids, best_solutions, chosen_models, min_achievable
+from dery.passes.solve import assembly_ids, chosen_models
+from dery.solver import best_solutions, min_achievable
 
 RESULTS = common.RESULTS
 SEED = 0
@@ -104,10 +105,11 @@ def budget_study(s: Session, qualities: dict, space: dict[tuple[str, ...], dict]
                "choices": {}}
         for name, q in qualities.items():
             search = Search(dataclasses.replace(s, quality=q), workdir)
-            sols = best_solutions(search.problem(budget), 1)
+            sp = search.space(budget)
+            sols = best_solutions(sp.problem, 1)
             picked = search.choose(budget, [])
-            for how, models in (("program", chosen_models(sols[0]) if sols else None),
-                                (f"program+top5+{DEFAULT_RERANK}", chosen_models(picked[2]) if picked else None)):
+            for how, models in (("program", chosen_models(sp, sols[0]) if sols else None),
+                                (f"program+top5+{DEFAULT_RERANK}", picked[3] if picked else None)):
                 acc = space[models]["test_acc"] if models else None
                 row["choices"][f"{name}|{how}"] = {
                     "models": list(models) if models else None, "test_acc": acc,

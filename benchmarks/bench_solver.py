@@ -1,4 +1,4 @@
-"""Benchmark of the reassembly MIP (dery.passes.solve): exactness, speed, and DeRy's search.
+"""Benchmark of the reassembly MIP (dery.solver): exactness, speed, DeRy's search, and `dery solve`'s start.
 
     /work/venv/bin/python benchmarks/bench_solver.py [--quick]
 
@@ -6,7 +6,9 @@ One run writes benchmarks/results/solver.md and benchmarks/results/solver.json:
 (a) exactness against exhaustive enumeration on random instances of at most 5,000 assemblies;
 (b) build-and-solve wall time (numpy conversion, exact reduction, HiGHS model and solve) for
     dense instances at a median latency limit, next to the unreduced model;
-(c) the objective DeRy's randomised swap search reaches in the same wall time as the solver.
+(c) the objective DeRy's randomised swap search reaches in the same wall time as the solver;
+(d) what solving a saved 50 x 12 problem file costs a fresh process: import time (`python -X importtime`), whether
+    torch or onnx is loaded, and wall time, next to the import of the DeRy search space (which loads torch).
 """
 from __future__ import annotations
 
@@ -14,12 +16,20 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import _common as common
 import highspy
 import numpy as np
-from dery.passes.solve import Problem, _Mip, _reduce, brute_force, max_achievable, min_achievable, random_problem, solve
+from dery.problem import Problem
+from dery.solver import _Mip, _reduce, max_achievable, min_achievable, solve
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from problems import brute_force, random_problem  # the generators live with the tests
 
 RESULTS = common.RESULTS
 
@@ -229,6 +239,47 @@ def dery_baseline(sizes: list[tuple[int, int]], per_size: int, seed: int) -> dic
 
 
 # ---------------------------------------------------------------------------------------------
+# (d) a fresh process solving a problem file
+
+HEAVY = ("torch", "onnx", "onnxruntime", "onnx_graphsurgeon")
+SOLVE_FILE = ("import sys, time; t0 = time.perf_counter(); from dery.solver import solve_file; "
+              "t1 = time.perf_counter(); code, out, err = solve_file(sys.argv[1]); "
+              "print(code, t1 - t0, time.perf_counter() - t1, file=sys.stderr)")
+
+
+def import_profile(module: str) -> dict:
+    """`python -X importtime -c 'import module'`: its cumulative import time and the heavy libraries it loaded."""
+    err = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True,
+                         text=True, check=True).stderr
+    cumulative = {}
+    for line in err.splitlines():
+        if line.startswith("import time:") and "|" in line and "cumulative" not in line:
+            _, cum, name = line.split("|")
+            cumulative[name.strip()] = int(cum) / 1e3
+    return {"module": module, "import_ms": cumulative[module], "heavy_loaded": [m for m in HEAVY if m in cumulative]}
+
+
+def startup(repeats: int, seed: int) -> dict:
+    """Import profiles of the solver and of the search space, and fresh-process wall times of solving a file."""
+    p = random_problem(np.random.default_rng(seed), 50, 12, 1.0, 0.5)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "problem.json"
+        path.write_text(json.dumps(p.to_json()))
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", SOLVE_FILE, str(path)], capture_output=True, text=True,
+                                  check=True)
+            wall = time.perf_counter() - t0
+            code, imported, solved = done.stderr.split()[-3:]
+            runs.append({"exit_code": int(code), "wall_ms": wall * 1e3, "import_ms": float(imported) * 1e3,
+                         "solve_ms": float(solved) * 1e3})
+    return {"problem": f"50 models x 12 sets, {len(p.transitions)} transitions, latency limit at the median",
+            "solver": [import_profile("dery.solver") for _ in range(repeats)],
+            "search_space": [import_profile("dery.passes.solve") for _ in range(repeats)], "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
 
 def markdown(res: dict) -> str:
     m, ex, dery = res["machine"], res["exactness"], res["dery_baseline"]
@@ -300,6 +351,34 @@ def markdown(res: dict) -> str:
         f"{s['reached_optimum']} / {dery['instances']} | {s['no_feasible_found']} |",
         f"| 10x the solver | {t['mean_ratio']:.4f} | {t['min_ratio']:.4f} | "
         f"{t['reached_optimum']} / {dery['instances']} | {t['no_feasible_found']} |",
+    ]
+    st = res["startup"]
+    solver_ms = statistics.median(r["import_ms"] for r in st["solver"])
+    space_ms = statistics.median(r["import_ms"] for r in st["search_space"])
+    wall = [r["wall_ms"] for r in st["runs"]]
+    heavy = sorted({m for r in st["solver"] for m in r["heavy_loaded"]})
+    ok = not heavy and max(wall) < 1000 and all(r["exit_code"] == 0 for r in st["runs"])
+    lines += [
+        "",
+        "## (d) A fresh process solving a saved problem file",
+        "",
+        f"{st['problem']}, written as a `dery.problem/1` file; {len(st['runs'])} fresh interpreters each import",
+        "`dery.solver` and run `solve_file` on it (what `dery solve` does). Import times are the cumulative",
+        "`python -X importtime` figures (median of the runs); wall time covers the whole process.",
+        "",
+        "| what | median ms | max ms | loads torch / onnx |",
+        "|---|---|---|---|",
+        f"| import `dery.solver` | {solver_ms:.1f} | {max(r['import_ms'] for r in st['solver']):.1f} | "
+        f"{', '.join(heavy) or 'neither'} |",
+        f"| import `dery.passes.solve` (the DeRy search space; the solver's home before the split) | "
+        f"{space_ms:.1f} | {max(r['import_ms'] for r in st['search_space']):.1f} | "
+        f"{', '.join(sorted({m for r in st['search_space'] for m in r['heavy_loaded']})) or 'neither'} |",
+        f"| solve the file (in process, after the import) | "
+        f"{statistics.median(r['solve_ms'] for r in st['runs']):.1f} | {max(r['solve_ms'] for r in st['runs']):.1f} "
+        f"| |",
+        f"| fresh process wall time, start to exit | {statistics.median(wall):.1f} | {max(wall):.1f} | |",
+        "",
+        f"Requirement (no torch, under 1 s from start to answer): {'met' if ok else 'NOT met'}.",
         "",
     ]
     return "\n".join(lines)
@@ -320,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
               f"max {r['max_ms']:.1f} ms, {r['statuses']}", flush=True)
     res["dery_baseline"] = dery_baseline([(20, 8), (50, 12)], 5 if args.quick else 10, seed=3)
     print(f"(c) same time: {res['dery_baseline']['same_time']}", flush=True)
+    res["startup"] = startup(3 if args.quick else 5, seed=4)
+    print(f"(d) fresh process: {[round(r['wall_ms']) for r in res['startup']['runs']]} ms", flush=True)
     res["total_s"] = time.perf_counter() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "solver.json").write_text(json.dumps(res, indent=1) + "\n")

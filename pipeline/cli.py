@@ -126,7 +126,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from .passes.solve import solve_file
+    from .solver import solve_file
 
     code, out, err = solve_file(str(args.problem), args.time_limit)
     if out:

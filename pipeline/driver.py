@@ -27,6 +27,7 @@ from .data import Dataset, load_data
 from .errors import USAGE, DeryError, InternalError
 from .ir import Partition, from_json, to_json
 from .measure import Method
+from .problem import Problem, Solution
 from .profile_store import ProfileStore, group_of
 from .targets import Target, get_target
 from .zoo import Network, load_zoo, native_resolution, parse_zoo
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from dery.passes.lower import Lowered
     from dery.passes.profile import Costs
     from dery.passes.proxy import Quality
+    from dery.passes.solve import SearchSpace
     from dery.passes.stitch import Stitches
     from dery.profile_store import Calibration
 
@@ -331,13 +333,17 @@ class Search:
             self._labels[split] = reference_labels(self.s.zoo, self.s.data, split)
         return self._labels[split]
 
-    def problem(self, limit_ms: float):
+    def space(self, limit_ms: float) -> SearchSpace:
+        """The search space under `limit_ms`: the program and the assembly key of every candidate."""
         from dery.passes.solve import search_problem
 
         s, cfg = self.s, self.s.config
         return search_problem(s.partition, s.costs, s.quality, s.stitches, calibration=s.calibration,
                               limits={"latency_ms": limit_ms, "params": cfg.params_limit, "flops": cfg.flops_limit},
                               memory_mb=cfg.memory_limit_mb, batch=s.target.batch)
+
+    def problem(self, limit_ms: float) -> Problem:
+        return self.space(limit_ms).problem
 
     def proxy(self, models: tuple[str, ...]) -> float:
         """The re-ranking proxy of an assembly (cached for the session)."""
@@ -353,25 +359,26 @@ class Search:
 
     def choose(self, limit_ms: float, exclude: list[tuple[str, ...]]):
         """The program's best few solutions under `limit_ms`, re-ranked by the proxy (None if infeasible)."""
-        from dery.passes.solve import best_solutions, chosen_models
+        from dery.passes.solve import chosen_models
+        from dery.solver import best_solutions
 
+        space = self.space(limit_ms)
         with stage("solve", self.s.timings):
-            sols = best_solutions(self.problem(limit_ms), self.s.config.top, exclude=exclude)
+            sols = best_solutions(space.problem, self.s.config.top, exclude=exclude)
         if not sols:
             return None
         with stage("proxy", self.s.timings):
-            scored = [(self.proxy(chosen_models(sol)), -i, sol) for i, sol in enumerate(sols)]
+            scored = [(self.proxy(chosen_models(space, sol)), -i, sol, chosen_models(space, sol))
+                      for i, sol in enumerate(sols)]
         return max(scored, key=lambda t: (t[0], t[1]))
 
-    def realise(self, solution, proxy: float, name: str) -> Result:
+    def realise(self, models: tuple[str, ...], solution: Solution, proxy: float, name: str) -> Result:
         """Assemble, compile and measure one solution."""
         from dery.passes.assemble import assemble
         from dery.passes.compile import compile_engine
-        from dery.passes.solve import chosen_models
         from dery.passes.verify import identity, measure_engine
 
         s = self.s
-        models = chosen_models(solution)
         with stage("assemble", s.timings):
             assembly, module = assemble(s.lowered, s.partition, s.stitches, models)
             refinement = self.refine(module)
@@ -399,12 +406,12 @@ class Search:
         picked = self.choose(limit_ms, exclude)
         if picked is None:
             return None
-        proxy, _, solution = picked
-        return self.realise(solution, proxy, f"round{len(exclude)}")
+        proxy, _, solution, models = picked
+        return self.realise(models, solution, proxy, f"round{len(exclude)}")
 
     def infeasible_reason(self, limit_ms: float, budget_ms: float, rounds: list[dict]) -> str:
         """Why nothing fits; before any round this is a plain error (nothing is written)."""
-        from dery.passes.solve import min_achievable
+        from dery.solver import min_achievable
 
         fastest = min_achievable(self.problem(limit_ms), "latency_ms")
         if not rounds:
@@ -419,7 +426,7 @@ class Search:
         """Solve, build and measure a sweep of budgets from the fastest assembly to the slowest member."""
         from dery.evaluate import accuracy as acc
         from dery.evaluate import has_labels
-        from dery.passes.solve import min_achievable
+        from dery.solver import min_achievable
 
         s = self.s
         lat = sorted(r.median_ms for r in s.costs.networks.values())
@@ -432,7 +439,7 @@ class Search:
             if picked is None or picked[2].chosen in seen:
                 continue
             seen.add(picked[2].chosen)
-            res = self.realise(picked[2], picked[0], f"pareto{i}")
+            res = self.realise(picked[3], picked[2], picked[0], f"pareto{i}")
             out.append({"budget_ms": budget, "chosen": list(res.models), "predicted_ms": res.predicted_ms,
                         "measured_ms": res.measured_ms,
                         "accuracy": acc(res.module, s.data.images("test"), s.data.split("test").labels)

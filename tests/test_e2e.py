@@ -101,7 +101,10 @@ def ranked_assemblies(tiny, budget: float) -> list[tuple[float, tuple[str, ...]]
 def test_save_problem_reproduces_the_solution(first, tiny, budget, tmp_path) -> None:
     """The saved program's optimum is the best assembly within the budget found by enumerating them all, and
     round 0 picked one of the `top` best (the proxy re-ranks those)."""
-    from dery.passes.solve import Problem, chosen_models, solve
+    from dery.driver import Search
+    from dery.passes.solve import chosen_models
+    from dery.problem import Problem
+    from dery.solver import solve
 
     report, _ = first
     path = tmp_path / "problem.json"
@@ -110,13 +113,14 @@ def test_save_problem_reproduces_the_solution(first, tiny, budget, tmp_path) -> 
     problem = Problem.from_json(json.loads(path.read_text()))
     assert problem.sets == 3 and problem.limits["latency_ms"] == budget
     sol = solve(problem)
+    space = Search(tiny, tmp_path).space(budget)
     ranked = ranked_assemblies(tiny, budget)
     assert sol.status == "optimal" and len(ranked) >= 2
     best_score, best = ranked[0]
     assert sol.objective == pytest.approx(best_score, rel=1e-9, abs=1e-12)
     if ranked[1][0] < best_score - 1e-9:  # a unique optimum: the same assembly
-        assert chosen_models(sol) == best
-    assert sol.totals["latency_ms"] == pytest.approx(in_context_ms(tiny, chosen_models(sol)), rel=1e-9)
+        assert chosen_models(space, sol) == best
+    assert sol.totals["latency_ms"] == pytest.approx(in_context_ms(tiny, chosen_models(space, sol)), rel=1e-9)
     top = CompileConfig(target="cpu", latency_ms=budget).top
     round0 = tuple(report["rounds"][0]["chosen"])
     assert report["rounds"][0]["score"] == pytest.approx(tiny.quality.score(round0), rel=1e-9, abs=1e-12)
@@ -224,7 +228,7 @@ def test_memory_limit_prunes_blocks_above_it(tiny) -> None:
     cut = sizes[len(sizes) // 2]
     limits = {"latency_ms": None, "params": None, "flops": None}
     problem = search_problem(tiny.partition, tiny.costs, tiny.quality, tiny.stitches, limits=limits,
-                             calibration=tiny.calibration, memory_mb=cut)
+                             calibration=tiny.calibration, memory_mb=cut).problem
     assert problem.candidates and all(c.extra["activation_mb"] <= cut for c in problem.candidates)
     assert all(t.extra.get("activation_mb", 0) <= cut for t in problem.transitions)
     assert len({(c.extra['model'], c.set) for c in problem.candidates}) < len(blocks)
@@ -236,8 +240,8 @@ def test_memory_limit_prunes_blocks_above_it(tiny) -> None:
 def test_pareto_sweep_and_stitch_refinement(tiny, budget, tmp_path) -> None:
     """--pareto: distinct assemblies from the fastest assembly up, each measured and in the report and plot;
     --stitch-epochs: the engine carries the refined stitches (its accuracy is the refined module's)."""
-    from dery.passes.solve import min_achievable
     from dery.passes.stitch import StitchModule
+    from dery.solver import min_achievable
 
     report = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, pareto=True,
                                        stitch_epochs=1))

@@ -16,7 +16,8 @@ from dery.ir import LatencyRecord, to_json
 from dery.measure import Method, measure, measure_all, summarize
 from dery.passes import profile as profile_pass
 from dery.passes.profile import ensure_records, pieces
-from dery.passes.solve import Solution, assembly_ids, chosen_models
+from dery.passes.solve import assembly_ids, chosen_models
+from dery.problem import Solution
 from dery.profile_store import SCHEMA, ProfileStore, merge_tables
 from dery.targets import get_target
 
@@ -334,7 +335,8 @@ def test_the_program_prices_every_assembly_at_its_calibrated_in_context_sum(tiny
     from dery.driver import Search
 
     assert tiny.partition.k == 3
-    problem = Search(tiny, tmp_path).problem(1e9)
+    space = Search(tiny, tmp_path).space(1e9)
+    problem = space.problem
     assert all(t.resources["latency_ms"] >= 0 for t in problem.transitions)
     joins = {(t.source, t.target) for t in problem.transitions}
     cal = tiny.calibration
@@ -346,7 +348,7 @@ def test_the_program_prices_every_assembly_at_its_calibrated_in_context_sum(tiny
         assert all(pair in joins for pair in zip(chosen, chosen[1:])) == stitched, models
         if not stitched:
             continue
-        assert chosen_models(Solution("optimal", tuple(chosen))) == models
+        assert chosen_models(space, Solution("optimal", tuple(chosen))) == models
         blocks = sum(tiny.costs.blocks[m, k].median_ms for k, m in enumerate(models))
         triple = tiny.costs.triples[(*models, 0)].median_ms
         want = (cal.intercept_ms + cal.block_scale * blocks + cal.boundary_scale * (triple - blocks)

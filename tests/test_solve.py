@@ -4,26 +4,17 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from dery.errors import DeryError
-from dery.passes.solve import (
-    Candidate,
-    Problem,
-    Solution,
-    Transition,
-    assembly_ids,
-    best_solutions,
-    brute_force,
-    chosen_models,
-    max_achievable,
-    min_achievable,
-    random_problem,
-    solve,
-    solve_file,
-)
+from dery.passes.solve import CandidateKey, SearchSpace, assembly_ids, chosen_models
+from dery.problem import Candidate, Problem, Transition
+from dery.solver import best_solutions, max_achievable, min_achievable, solve, solve_file
+from problems import brute_force, random_problem
 
 
 def all_assemblies(p: Problem) -> list[tuple[str, ...]]:
@@ -362,7 +353,24 @@ def test_a_negative_fixed_term_is_a_correction_that_counts_in_totals_and_limits(
 @pytest.mark.parametrize("models", [("a", "b", "a"), ("x[0]<y", "x", "x[1]<x[0]<y"), ("m",), ("b]<", "b", "b]<")])
 def test_assembly_ids_are_unique_per_context_and_map_back_to_their_models(models):
     ids = assembly_ids(models)
-    assert chosen_models(Solution("optimal", tuple(ids))) == models
+    keys = [CandidateKey(m, k, models[k - 1] if k else None) for k, m in enumerate(models)]
+    problem = Problem(len(models), tuple(Candidate(key.id, key.set, 1.0) for key in keys),
+                      tuple(Transition(a, b) for a, b in zip(ids, ids[1:])))
+    space = SearchSpace(problem, {key.id: key for key in keys})
+    assert chosen_models(space, solve(problem)) == models
     assert ids[1:] == [f"{m}[{k}]<{models[k - 1]}" for k, m in enumerate(models) if k]
     other = assembly_ids(("z", *models[1:]))
     assert (ids[1] != other[1]) if len(models) > 1 else ids == ["m[0]"]
+
+
+def loaded_heavy_modules(module: str) -> list[str]:
+    """The heavy libraries a fresh interpreter has loaded after importing `module`."""
+    code = (f"import sys; import {module}; "
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'onnx_graphsurgeon') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1].replace("'", '"'))
+
+
+def test_the_solver_imports_neither_torch_nor_onnx():
+    assert loaded_heavy_modules("dery.solver") == []
+    assert "torch" in loaded_heavy_modules("dery.passes.solve")  # the control: the check sees torch when loaded
