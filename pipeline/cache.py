@@ -4,15 +4,19 @@ Everything expensive (trained zoo weights, features, similarity, stitches,
 profiles, verify measurements) lives under one root, keyed by a hash of what it
 depends on. A file is written to a temporary name and renamed into place, so a
 killed run never leaves half a file behind; a file that fails to load is
-reported by path and never silently recomputed over.
+reported by path and never silently recomputed over. Runs may share one cache:
+an artifact two runs start together is made once, under a lock on its key
+(`file_lock`), and the other run waits for it and loads it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,15 +43,6 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (for keying on engine files and checkpoints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:24]
-
-
 def ensure_dir(path: Path, what: str) -> Path:
     """Create a directory or fail with a clear message naming it."""
     try:
@@ -58,6 +53,19 @@ def ensure_dir(path: Path, what: str) -> Path:
         raise DeryError(f"{what} {path} is not writable ({e.strerror or e}); choose another directory",
                         exit_code=USAGE) from e
     return path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for `path` across processes: flock on the sidecar `.<name>.lock`, which stays
+    in place (the kernel drops the lock when its holder ends, however it ends)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, writer: Callable[[Path], None]) -> Path:
@@ -130,23 +138,30 @@ class Cache:
         ensure_dir(self.root, "cache directory (DERY_CACHE_DIR)")
 
     def get_or_make(self, kind: str, key: str, suffix: str, *, make: Callable[[], T],
-                    save: Callable[[T, Path], None], load: Callable[[Path], T], what: str) -> T:
-        """Load the artifact if present (naming it if damaged), else make, save and return it."""
+                    save: Callable[[T, Path], None], load: Callable[[Path], T], what: str,
+                    keep: Callable[[T], bool] = lambda value: True) -> T:
+        """Load the artifact if present (naming it if damaged), else make, save and return it; a value that
+        `keep` rejects is returned unsaved. The make runs under the key's lock, so a run that asks for the
+        same artifact meanwhile waits and loads it instead of making it again."""
         path = self.path(kind, key, suffix)
-        if path.exists():
-            try:
-                return load(path)
-            except DeryError:
-                raise
-            except Exception as e:  # any loader failure means the file is unusable
-                raise damaged(path, what, e) from e
-        value = make()
-        atomic_write(path, lambda p: save(value, p))
-        return value
+        if not path.exists():
+            with file_lock(path):
+                if not path.exists():
+                    value = make()
+                    if keep(value):
+                        atomic_write(path, lambda p: save(value, p))
+                    return value
+        try:
+            return load(path)
+        except DeryError:
+            raise
+        except Exception as e:  # any loader failure means the file is unusable
+            raise damaged(path, what, e) from e
 
-    def json(self, kind: str, key: str, make: Callable[[], Any], what: str) -> Any:
+    def json(self, kind: str, key: str, make: Callable[[], Any], what: str,
+             keep: Callable[[Any], bool] = lambda value: True) -> Any:
         """`get_or_make` for JSON-serialisable values."""
         def save(v: Any, p: Path) -> None:
             p.write_text(json.dumps(v, indent=1, sort_keys=True, allow_nan=False))
         return self.get_or_make(kind, key, ".json", make=make, save=save,
-                                load=lambda p: read_json(p, what), what=what)
+                                load=lambda p: read_json(p, what), what=what, keep=keep)

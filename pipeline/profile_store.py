@@ -10,8 +10,10 @@ brings its own anchor, and its entries are rescaled to the store's on reading.
 Two sources are read: tables shipped with dery
 (profiles/<target>/*.json) and the user's own measurements
 (<cache>/profiles/<target>.json). Every new record or point is written at once,
-atomically, so an interrupted `dery profile` resumes where it stopped. A file
-that cannot be read is reported by path and never overwritten.
+atomically, so an interrupted `dery profile` resumes where it stopped. Runs may
+share the file: a write re-reads it under its lock (`dery.cache.file_lock`) and
+merges, so what another run wrote meanwhile is kept. A file that cannot be read
+is reported by path and never overwritten.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .backends import get_backend
-from .cache import Cache, atomic_write_json, read_json
+from .cache import Cache, atomic_write_json, file_lock, read_json
 from .errors import USAGE, DeryError
 from .ir import LatencyRecord, from_json, to_json
 from .reference import Pace
@@ -252,10 +254,23 @@ class ProfileStore:
         return fit_calibration(sorted(groups[best], key=lambda p: p.key))
 
     def _save(self) -> None:
+        """Write this store's entries into the user's file, merged under its lock with what other runs wrote
+        there since it was read: of two entries with one key the newer is kept, this store's on a tie."""
         try:
-            write_table(self.path, self._own.values(), self._own_points.values())
+            with file_lock(self.path):
+                records, points = _parse(self.path) if self.path.exists() else ([], [])
+                write_table(self.path, _newest(records, self._own).values(), _newest(points, self._own_points).values())
         except OSError as e:
             raise DeryError(f"cannot write profile file {self.path}: {e.strerror or e}") from e
+
+
+def _newest(found: Iterable[Any], own: dict[str, Any]) -> dict[str, Any]:
+    """`own` entries by key, with the `found` ones it lacks or holds an older version of."""
+    merged = dict(own)
+    for item in found:
+        if item.key not in merged or item.when > merged[item.key].when:
+            merged[item.key] = item
+    return merged
 
 
 def merge_tables(inputs: list[Path], output: Path) -> dict[str, Any]:

@@ -260,8 +260,10 @@ def load_member(spec: MemberSpec, data: Dataset | None, cache: Cache) -> Network
     if spec.weights == "train":
         if data is None:
             raise DeryError(f"{spec.name} is trained by dery and needs data to train on", exit_code=USAGE)
-        key = content_key("zoo", spec.arch, spec.kwargs, spec.recipe, data.fingerprint, torch.__version__.split("+")[0])
+        key = content_key("zoo", spec.arch, spec.kwargs, spec.recipe, data.fingerprint, torch.__version__.split("+")[0],
+                          2)
         def make() -> Normalized:
+            torch.manual_seed(spec.recipe.seed)  # initial weights from the recipe's seed, whatever ran before
             m = _wrap(_build(spec, data.num_classes), spec)
             train(m, data, spec.recipe, spec.name)
             return m

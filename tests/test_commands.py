@@ -78,6 +78,7 @@ def test_partition_json_is_the_cached_partition(tiny) -> None:
     assert got["objective"] == pytest.approx(want["objective"], abs=1e-9) and got["k"] == 3
 
 
+@pytest.mark.slow  # lowers resnet18 at 224 px in a fresh process
 def test_inspect_json_and_its_errors() -> None:
     r = command("dery", "inspect", "resnet18", "--json")
     assert r.returncode == 0, r.stderr

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from dery import defaults
 from dery.cli import _compile_parser, main
 from dery.driver import FRONT, PASSES, CompileConfig
@@ -48,6 +49,7 @@ def test_one_setting_changes_without_patching_a_module(tiny) -> None:
     assert s.partition.k == 2 and tiny.partition.k == 3 and s.stitches is None
 
 
+@pytest.mark.slow  # scores every predictor and proxy
 def test_proxy_implements_every_name_the_cli_offers(tiny) -> None:
     from dery.evaluate import reference_labels
     from dery.passes.proxy import quality, whole_network_score

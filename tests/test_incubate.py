@@ -78,6 +78,7 @@ def test_isolation_frozen_tensors_bit_identical(data, tmp_path):
             assert torch.equal(v, after[key]), key
 
 
+@pytest.mark.slow  # retrains a module
 def test_resume_does_not_retrain_finished_modules(run, data):
     _mods, _, rep, d = run
     assert rep["trained"] == ["meta", "module 0", "module 1", "module 2"]
