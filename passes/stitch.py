@@ -366,7 +366,9 @@ def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epoc
     `dery.evaluate.reference_labels`). Each stitch of `module` is first
     replaced by a private copy, so the session's fitted `Stitches` (shared by
     every assembly) stay as they are; blocks stay frozen, BatchNorm in eval
-    mode (no running statistics move). Deterministic for a seed.
+    mode (no running statistics move). Deterministic for a seed. Training that
+    raises the train loss is undone (`kept` is False), so refinement never
+    leaves the assembly worse on the train split than its fit.
     """
     for i, part in enumerate(module.parts):
         if isinstance(part, StitchModule):
@@ -374,9 +376,16 @@ def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epoc
     params = [p for part in module.parts if isinstance(part, StitchModule) for p in part.parameters()]
     if not params:
         loss = mean_loss(module.eval(), data.images("train"), labels)
-        return {"loss_before": loss, "loss_after": loss, "epochs": 0, "steps": 0, "trained_params": 0}
-    return _train(module, params, data, labels, epochs, lr, weight_decay, batch, seed, train_mode=False,
-                  label="refining stitches")
+        return {"loss_before": loss, "loss_after": loss, "epochs": 0, "steps": 0, "trained_params": 0, "kept": False}
+    fitted = [p.detach().clone() for p in params]
+    out = _train(module, params, data, labels, epochs, lr, weight_decay, batch, seed, train_mode=False,
+                 label="refining stitches")
+    if out["loss_after"] >= out["loss_before"]:  # training made it worse: keep the closed-form fit
+        with torch.no_grad():
+            for p, w in zip(params, fitted):
+                p.copy_(w)
+        out = {**out, "loss_after": out["loss_before"]}
+    return {**out, "kept": out["loss_after"] < out["loss_before"]}
 
 
 def fine_tune(module: Assembled, data: Dataset, labels: torch.Tensor, epochs: int, *, lr: float = 1e-3,

@@ -246,7 +246,7 @@ def test_pareto_sweep_and_stitch_refinement(tiny, budget, tmp_path) -> None:
     report = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, pareto=True,
                                        stitch_epochs=1))
     sweep = report["pareto"]
-    assert len(sweep) >= 2
+    assert len(sweep) >= 1  # one point when a single assembly is the proxy's pick at every budget
     assert len({tuple(p["chosen"]) for p in sweep}) == len(sweep)
     assert [p["budget_ms"] for p in sweep] == sorted(p["budget_ms"] for p in sweep)
     assert all(p["predicted_ms"] <= p["budget_ms"] * (1 + 1e-9) and p["measured_ms"] > 0 for p in sweep)
@@ -255,12 +255,14 @@ def test_pareto_sweep_and_stitch_refinement(tiny, budget, tmp_path) -> None:
 
     search = Search(tiny, tmp_path)
     assert sweep[0]["budget_ms"] == pytest.approx(min_achievable(search.problem(slowest), "latency_ms"))
+    assert all(search.choose(p["budget_ms"], [])[3] == tuple(p["chosen"]) for p in sweep)
     assert "## Pareto sweep" in (tmp_path / "report.md").read_text()
     refined = report["stitch_refinement"]
     models = [a["model"] for a in report["assembly"]]
     _, module = assemble(tiny.lowered, tiny.partition, tiny.stitches, models)
     if any(isinstance(p, StitchModule) for p in module.parts):
-        assert refined["trained_params"] > 0 and refined["loss_after"] < refined["loss_before"]
+        assert refined["trained_params"] > 0 and refined["loss_after"] <= refined["loss_before"]
+        assert refined["kept"] == (refined["loss_after"] < refined["loss_before"])
     else:
         assert refined["trained_params"] == 0
     sess = ort.InferenceSession(str(tmp_path / report["engine"]), providers=["CPUExecutionProvider"])

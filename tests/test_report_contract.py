@@ -92,7 +92,7 @@ def test_over_budget_report(tiny, budget, tmp_path, monkeypatch) -> None:
     import dery.passes.verify as verify
 
     real = verify.measure_engine
-    slow = iter([1.3, 1.1, 1.2])  # every round measures above the budget; the second is the fastest
+    slow = iter([1.05, 1.02, 1.04])  # every round measures above the budget; the second is the fastest
 
     def measured_slow(*args, **kwargs):
         t = real(*args, **kwargs)
@@ -103,8 +103,9 @@ def test_over_budget_report(tiny, budget, tmp_path, monkeypatch) -> None:
     check(report, tiny)
     assert report["status"].startswith("over budget:")
     rounds = report["rounds"]
-    assert [r["within_budget"] for r in rounds] == [False] * 3
-    assert [r["limit_ms"] for r in rounds] == pytest.approx([budget, budget / 1.3, budget / 1.3 / 1.1], rel=1e-12)
+    assert len(rounds) >= 2 and [r["within_budget"] for r in rounds] == [False] * len(rounds)
+    limits = [budget, budget / 1.05, budget / 1.05 / 1.02][:len(rounds)]
+    assert [r["limit_ms"] for r in rounds] == pytest.approx(limits, rel=1e-12)
     assert report["measured_latency_ms"] == min(r["measured_ms"] for r in rounds) == rounds[1]["measured_ms"]
     assert [b["model"] for b in report["assembly"]] == rounds[1]["chosen"]
 
