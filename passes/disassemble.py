@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,48 +312,61 @@ def _graph(net: nn.Module, example: torch.Tensor):
     return dg
 
 
+def _prune_groups(net: nn.Module, example: torch.Tensor,
+                  keep_of: Callable[[Any, Any, nn.Module, int], torch.Tensor]) -> None:
+    """Remove, in place, the channels of every dependency group that `keep_of(graph, group, root, size)` drops;
+    the plan is made for all groups before any is pruned."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = _graph(net, example)
+        plan = []
+        for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
+            root = group[0].dep.target.module
+            drop = (~keep_of(dg, group, root, len(group[0].idxs))).nonzero().flatten().tolist()
+            if drop:
+                plan.append((root, group[0].dep.handler, drop))
+        for root, fn, drop in plan:
+            dg.get_pruning_group(root, fn, drop).prune()
+
+
+def _keep(size: int, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    keep = torch.zeros(size, dtype=torch.bool)
+    keep[indices] = True
+    return keep
+
+
 def prune_to(net: nn.Module, example: torch.Tensor, out_need: dict[str, torch.Tensor],
              in_need: dict[str, torch.Tensor], classifier: str, classes: Sequence[int], label: str) -> None:
     """Remove, in place, every channel no member of its dependency group needs; the classifier keeps `classes`."""
-    import warnings
-
     modules = dict(net.named_modules())
-    out_need = dict(out_need)
     head = modules[classifier]
-    keep_cls = torch.zeros(head.weight.shape[0], dtype=torch.bool)
-    keep_cls[list(classes)] = True
-    out_need[classifier] = keep_cls
+    out_need = {**out_need, classifier: _keep(head.weight.shape[0], list(classes))}
     names = {m: n for n, m in modules.items()}
+
+    def needed(dg, group, root: nn.Module, size: int) -> torch.Tensor:
+        if root is head:
+            return out_need[classifier]
+        keep = torch.zeros(size, dtype=torch.bool)
+        for item in group:
+            dep, idxs, roots = item.dep, item.idxs, item.root_idxs
+            name = names.get(dep.target.module)
+            if name is None or roots is None:
+                continue
+            need = (out_need.get(name) if dg.is_out_channel_pruning_fn(dep.handler)
+                    else in_need.get(name) if dg.is_in_channel_pruning_fn(dep.handler) else None)
+            if need is None:
+                continue
+            for i, r in zip(idxs, roots):
+                if r is not None and i < len(need) and bool(need[i]):
+                    keep[r] = True
+        if not bool(keep.any()):
+            keep[0] = True
+        return keep
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dg = _graph(net, example)
-            plan = []
-            for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
-                root = group[0].dep.target.module
-                size = len(group[0].idxs)
-                keep = torch.zeros(size, dtype=torch.bool)
-                for item in group:
-                    dep, idxs, roots = item.dep, item.idxs, item.root_idxs
-                    name = names.get(dep.target.module)
-                    if name is None or roots is None:
-                        continue
-                    need = (out_need.get(name) if dg.is_out_channel_pruning_fn(dep.handler)
-                            else in_need.get(name) if dg.is_in_channel_pruning_fn(dep.handler) else None)
-                    if need is None:
-                        continue
-                    for i, r in zip(idxs, roots):
-                        if r is not None and i < len(need) and bool(need[i]):
-                            keep[r] = True
-                if root is head:
-                    keep = keep_cls
-                elif not bool(keep.any()):
-                    keep[0] = True
-                drop = (~keep).nonzero().flatten().tolist()
-                if drop:
-                    plan.append((root, group[0].dep.handler, drop))
-            for root, fn, drop in plan:
-                dg.get_pruning_group(root, fn, drop).prune()
+        _prune_groups(net, example, needed)
     except DeryError:
         raise
     except Exception as e:
@@ -435,37 +448,20 @@ def disassemble(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
 
 def random_component(module: nn.Module, like: Component, images: torch.Tensor, seed: int) -> Component:
     """A control: the same classes and the same units per dependency group as `like`, chosen at random."""
-    import warnings
-
     comp = copy.deepcopy(module).eval()
-    net = comp.net
-    modules = dict(net.named_modules())
-    names = {m: n for n, m in modules.items()}
+    names = {m: n for n, m in comp.net.named_modules()}
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         example = (images[:1] - module.mean) / module.std
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dg = _graph(net, example)
-        plan = []
-        for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
-            root = group[0].dep.target.module
-            size = len(group[0].idxs)
-            name = names[root]
-            if name == like.classifier:
-                keep = torch.zeros(size, dtype=torch.bool)
-                keep[list(like.classes)] = True
-            else:
-                target = like.kept_units[name] if isinstance(root, nn.Conv2d) or isinstance(root, nn.Linear) else size
-                keep = torch.zeros(size, dtype=torch.bool)
-                keep[torch.randperm(size, generator=gen)[:target]] = True
-            drop = (~keep).nonzero().flatten().tolist()
-            if drop:
-                plan.append((root, group[0].dep.handler, drop))
-        for root, fn, drop in plan:
-            dg.get_pruning_group(root, fn, drop).prune()
+
+    def chosen(dg, group, root: nn.Module, size: int) -> torch.Tensor:
+        if names[root] == like.classifier:
+            return _keep(size, list(like.classes))
+        return _keep(size, torch.randperm(size, generator=gen)[:like.kept_units[names[root]]])
+
+    _prune_groups(comp.net, example, chosen)
     return Component(comp, like.classes, like.class_names, like.classifier,
-                     sum(p.numel() for p in comp.parameters()), like.whole_params, unit_counts(net))
+                     sum(p.numel() for p in comp.parameters()), like.whole_params, unit_counts(comp.net))
 
 
 def task_accuracy(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int],

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 from dery.errors import USAGE, DeryError
+from dery.zoo import CHECKPOINT_FORMAT, Normalized, read_checkpoint
 
 from .disassemble import Component, restructure, structure_of
 
-CHECKPOINT_FORMAT = "dery.checkpoint/1"
 BRANCHES = "dery.branches"
 
 
@@ -64,8 +64,6 @@ class Branches(nn.Module):
 
 
 def _identity_normalized(net: nn.Module) -> nn.Module:
-    from dery.zoo import Normalized
-
     return Normalized(net, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).eval()
 
 
@@ -85,7 +83,7 @@ def component_checkpoint(comp: Component, spec: Any, base_classes: int, resoluti
 
 def module_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """The `Normalized` module of a component or assembly checkpoint."""
-    from dery.zoo import Normalized, _timm
+    from dery.zoo import _timm
 
     lego = ckpt["lego"]
     if lego["kind"] == "branches":
@@ -102,13 +100,7 @@ def module_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
 
 def read_part(path: Path) -> dict[str, Any]:
     """A component or assembly checkpoint; one with no class names is refused."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DeryError(f"cannot load checkpoint {path}: {e}", exit_code=USAGE) from e
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
-        raise DeryError(f"{path} is not a dery checkpoint; write components with `dery disassemble`",
-                        exit_code=USAGE)
+    ckpt = read_checkpoint(path, "write components with `dery disassemble`")
     if not ckpt.get("classes") or ckpt.get("class_index") is None:
         raise DeryError(f"{path} records no class names, so its logits cannot be put in one class order; "
                         f"write it with `dery disassemble`", exit_code=USAGE)
@@ -235,8 +227,6 @@ def _merge_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             if head.bias is not None:
                 head._parameters["bias"] = nn.Parameter(head.bias[perm].clone(), requires_grad=False)
             x = torch.rand(4, 3, a["resolution"], a["resolution"], generator=torch.Generator().manual_seed(0))
-            from dery.zoo import Normalized
-
             merged = Normalized(net, tuple(a["mean"]), tuple(a["std"])).eval()
             with torch.no_grad():
                 want = torch.cat([ma(x), mb(x)], 1)[:, perm]

@@ -166,19 +166,20 @@ def parse_zoo(spec: str | None) -> tuple[MemberSpec, ...]:
     return tuple(unique)
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path, fix: str | None = None) -> dict[str, Any]:
+    """A `dery.checkpoint/1` file's contents; anything else is a one-line error ending in `fix`."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise DeryError(f"cannot load checkpoint {path}: {e}", exit_code=USAGE) from e
     if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
-        raise DeryError(f"{path} is not a dery checkpoint (no architecture recorded); pass it as ARCH={path}",
-                        exit_code=USAGE)
+        raise DeryError(f"{path} is not a dery checkpoint (no architecture recorded); "
+                        f"{fix or f'pass it as ARCH={path}'}", exit_code=USAGE)
     return ckpt
 
 
 def _spec_from_checkpoint(path: Path) -> MemberSpec:
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path)
     return MemberSpec(str(ckpt["name"]), str(ckpt["arch"]), str(path), tuple(map(tuple, ckpt["kwargs"])),
                       None, ckpt.get("resolution"))
 
@@ -294,7 +295,7 @@ def load_member(spec: MemberSpec, data: Dataset | None, cache: Cache) -> Network
 
 
 def _load_dery_checkpoint(spec: MemberSpec, path: Path) -> Normalized:
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path)
     if "lego" in ckpt:
         from dery.passes.lego import module_from_checkpoint
 
