@@ -22,12 +22,13 @@ from pathlib import Path
 
 from dery import defaults, progress
 from dery.backends import availability, get_backend
+from dery.defaults import Profiling
 from dery.ir import Partition, utc_timestamp
 from dery.measure import Method, Timing
 from dery.passes.assemble import assemble
 from dery.passes.compile import compile_engine
 from dery.passes.lower import Lowered
-from dery.passes.profile import CHUNK, Costs
+from dery.passes.profile import Costs
 from dery.passes.stitch import Stitches
 from dery.passes.verify import identity
 from dery.profile_store import Calibration, CalibrationPoint, ProfileStore, group_of
@@ -56,18 +57,18 @@ def random_assemblies(partition: Partition, stitches: Stitches, n: int, seed: in
 
 
 def engine_latencies(assemblies: Sequence[tuple[str, ...]], zoo: Sequence[Lowered], partition: Partition,
-                     stitches: Stitches, target: Target, method: Method = Method(),
+                     stitches: Stitches, target: Target, method: Method = Method(), chunk: int = Profiling.chunk,
                      advance: Callable[..., None] = lambda n=1, note=None: None,
                      pace: Pace = Pace()) -> list[tuple[Timing, float, float]]:
-    """Compile assemblies into engines in a scratch directory and measure them end to end, `CHUNK` at a time
+    """Compile assemblies into engines in a scratch directory and measure them end to end, `chunk` at a time
     together with the reference graph, as pieces are measured: (timing with its median at the anchor's speed,
     the group's reference ms, the anchor) each."""
     backend = get_backend(target.backend)
     out: list[tuple[Timing, float, float]] = []
-    for start in range(0, len(assemblies), CHUNK):
+    for start in range(0, len(assemblies), chunk):
         with tempfile.TemporaryDirectory(prefix="dery-cal-") as tmp:
             steps = []
-            for i, models in enumerate(assemblies[start:start + CHUNK]):
+            for i, models in enumerate(assemblies[start:start + chunk]):
                 _, module = assemble(zoo, partition, stitches, models)
                 engine = compile_engine(module, zoo[0].network.input_shape, target, Path(tmp), name=f"assembly{i}")
                 steps.append(backend.engine_step(engine.path, target))
@@ -80,7 +81,7 @@ def engine_latencies(assemblies: Sequence[tuple[str, ...]], zoo: Sequence[Lowere
 
 def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, costs: Costs, target: Target,
               store: ProfileStore, *, assemblies: int = defaults.CALIBRATION_ASSEMBLIES,
-              seed: int = defaults.SEED) -> Calibration:
+              seed: int = defaults.SEED, settings: Profiling = Profiling()) -> Calibration:
     """The calibrate pass: add this zoo's points when the target is here, then fit them (a zoo of networks
     ten times larger or smaller caches and fuses differently; other zoos' points are not mixed in).
 
@@ -104,7 +105,8 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
                      if ids[m] not in known)
     todo = [m for m in mixed if ids[m] not in known]
     with progress.task("calibrating", len(todo)) as advance:
-        measured = engine_latencies(todo, zoo, partition, stitches, target, advance=advance, pace=store.pace(group))
+        measured = engine_latencies(todo, zoo, partition, stitches, target, chunk=settings.chunk, advance=advance,
+                                    pace=store.pace(group))
         store.add_points(point(m, t.median_ms, anchor) for m, (t, _, anchor) in zip(todo, measured))
     return store.calibration(group, set(ids.values()))
 

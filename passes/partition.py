@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from dery.passes.lower import Lowered
     from dery.passes.similarity import Similarity
 
-BALANCES = ("params", "flops", "latency")
 SHARE_TOL = 1e-9  # a block fits when its share <= max_share + SHARE_TOL
 BRUTE_FORCE_LIMIT = 10_000_000  # partitions brute_force_partition will enumerate
 Choice = tuple[tuple[int, ...], ...]  # per model, its K-1 boundaries as candidate positions
@@ -426,8 +425,8 @@ def partition(zoo: Sequence[Lowered], sim: Similarity, k: int, *, balance: str =
     at most (1 + slack) / K of its network's cost in `balance` ("params", "flops",
     or "latency", which needs `segment_cost(lowered, first, last) -> float`).
     """
-    if balance not in BALANCES:
-        raise DeryError(f"partition balance {balance!r} is not one of {', '.join(BALANCES)}", exit_code=USAGE)
+    if balance not in defaults.BALANCES:
+        raise DeryError(f"partition balance {balance!r} is not one of {', '.join(defaults.BALANCES)}", exit_code=USAGE)
     if balance == "latency" and segment_cost is None:
         raise DeryError("latency balance needs measured segment latencies (segment_cost)", exit_code=USAGE)
     if not slack >= 0:

@@ -16,13 +16,13 @@ Every record of a device is at one speed (dery.reference anchors each window
 to the reference graph's), so the four records can come from different
 measurement groups; triples are timed like every other piece. A context term
 is a small difference of large times: one of its pieces caught alone in a
-slow spell shows as a term far larger than real ones (`ODD`), and the four
+slow spell shows as a term far larger than real ones (`Profiling.odd_context`), and the four
 pieces are then measured again together (`settle_contexts`). An assembly's
 latency is its blocks plus its boundaries plus its contexts.
 Each piece has a fingerprint (what decides its latency), so the profile store
 answers for pieces measured before, by this run or on another machine; only
 what is missing is measured, and each group of new records is saved as soon
-as it is measured (`CHUNK`); ONNX graphs are built only for what is measured.
+as it is measured (`Profiling.chunk`); ONNX graphs are built only for what is measured.
 
 When the target's device is not here, stored records are used; anything
 missing is an error that lists the pieces and the command that measures them
@@ -40,6 +40,7 @@ import torch.nn as nn
 from dery import progress
 from dery.backends import Backend, Piece, availability, get_backend
 from dery.cache import Cache, content_key
+from dery.defaults import Profiling
 from dery.errors import DeryError
 from dery.ir import LatencyRecord, Partition, utc_timestamp
 from dery.measure import Method
@@ -242,18 +243,17 @@ def missing_error(target: Target, names: Sequence[str], why: str) -> DeryError:
                      f"target's device and merge its table (`dery profile --merge`), or pass --allow-estimates")
 
 
-CHUNK = 32  # pieces measured together: their windows spread over time; saved (and resumed) per chunk
-
-
 def measure_records(keys: Sequence[tuple], items: dict[tuple, Piece], target: Target, store: ProfileStore, *,
-                    method: Method, title: str = "profiling") -> dict[tuple, LatencyRecord]:
-    """Measure the pieces `keys` here, `CHUNK` at a time with the reference graph, saving each chunk at once."""
+                    method: Method, settings: Profiling = Profiling(), title: str = "profiling"
+                    ) -> dict[tuple, LatencyRecord]:
+    """Measure the pieces `keys` here, `settings.chunk` at a time with the reference graph (their windows spread
+    over time), saving each chunk at once."""
     backend = get_backend(target.backend)
     device, _ = availability(target)
     found: dict[tuple, LatencyRecord] = {}
     with progress.task(f"{title} on {target.name}", len(keys)) as advance:
-        for start in range(0, len(keys), CHUNK):
-            chunk = keys[start:start + CHUNK]
+        for start in range(0, len(keys), settings.chunk):
+            chunk = keys[start:start + settings.chunk]
             records = measure_pieces([items[k] for k in chunk], target, device, backend, method,
                                      store.pace(group_of(target, device)))
             store.add_all(records)
@@ -263,6 +263,7 @@ def measure_records(keys: Sequence[tuple], items: dict[tuple, Piece], target: Ta
 
 
 def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStore, *, method: Method,
+                   settings: Profiling = Profiling(),
                    on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
                    ) -> tuple[dict[tuple, LatencyRecord], list[tuple]]:
     """Look every piece up in the store (when the target's device is not here, any device's record); measure
@@ -284,12 +285,8 @@ def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStor
             raise missing_error(target, [items[k].name for k in todo], reason)
         found.update(on_missing({k: items[k] for k in todo}))
         return found, []
-    found.update(measure_records(todo, items, target, store, method=method))
+    found.update(measure_records(todo, items, target, store, method=method, settings=settings))
     return found, todo
-
-
-ODD = 0.2  # a context term this large a share of its triple: real ones stay under 10% (ARCHITECTURE.md)
-RETRIES = 2  # more measurements of an odd context term's pieces
 
 
 def parts(triple: tuple) -> list[tuple]:
@@ -308,32 +305,35 @@ def costs_of(found: dict[tuple, LatencyRecord], measured: int) -> Costs:
 
 
 def settle_contexts(found: dict[tuple, LatencyRecord], fresh: Sequence[tuple], items: dict[tuple, Piece],
-                    target: Target, store: ProfileStore, *, method: Method) -> list[tuple]:
-    """Measure again, together, the four pieces of every context term over `ODD` of its triple that rests on a
-    record measured in this run (`fresh`), up to `RETRIES` times; the new records replace theirs in `found` and
-    in the store. Returns the keys measured again. A piece caught alone by a slow spell (every window of it,
-    none of the reference's) is what this catches; a run that measured nothing checks nothing."""
+                    target: Target, store: ProfileStore, *, method: Method, settings: Profiling = Profiling()
+                    ) -> list[tuple]:
+    """Measure again, together, the four pieces of every context term over `settings.odd_context` of its triple
+    that rests on a record measured in this run (`fresh`), up to `settings.context_retries` times; the new
+    records replace theirs in `found` and in the store. Returns the keys measured again. A piece caught alone
+    by a slow spell (every window of it, none of the reference's) is what this catches; a run that measured
+    nothing checks nothing."""
     again: list[tuple] = []
     recent = set(fresh)
-    for _ in range(RETRIES):
+    for _ in range(settings.context_retries):
         costs = costs_of(found, 0)
         odd = [k for k in found if k[0] == "triple" and recent.intersection(parts(k))
-               and abs(costs.context_ms(*k[1:])) > ODD * found[k].median_ms]
+               and abs(costs.context_ms(*k[1:])) > settings.odd_context * found[k].median_ms]
         if not odd:
             break
         keys = list(dict.fromkeys(p for k in odd for p in parts(k)))
-        found.update(measure_records(keys, items, target, store, method=method, title="measuring odd pieces again"))
+        found.update(measure_records(keys, items, target, store, method=method, settings=settings,
+                                     title="measuring odd pieces again"))
         again += keys
         recent = set(keys)
     return again
 
 
 def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, target: Target,
-            store: ProfileStore, cache: Cache, *, method: Method = Method(),
+            store: ProfileStore, cache: Cache, *, method: Method = Method(), settings: Profiling = Profiling(),
             on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None) -> Costs:
     """The profile pass: a latency record for every block, joint, triple and zoo member, with any odd context
     term's pieces measured again."""
     items = pieces(zoo, partition, stitches, target.batch, cache)
-    found, fresh = ensure_records(items, target, store, method=method, on_missing=on_missing)
-    again = settle_contexts(found, fresh, items, target, store, method=method)
+    found, fresh = ensure_records(items, target, store, method=method, settings=settings, on_missing=on_missing)
+    again = settle_contexts(found, fresh, items, target, store, method=method, settings=settings)
     return costs_of(found, len(set(fresh) | set(again)))

@@ -4,7 +4,7 @@ The measurement uses the shared method through the target's backend, on the
 engine file exactly as it will be deployed, with the reference graph beside it
 (more rounds while the machine runs slow, as the profile measures). A disturbed
 reading (its fastest windows disagree, or the reference stayed slow) is measured
-again, up to `ATTEMPTS` times in all. A clean one is cached by the assembly's
+again, up to `Profiling.verify_attempts` times in all. A clean one is cached by the assembly's
 identity (blocks, weights, stitches), the device and the backend version, so
 rerunning the same compile reports the same numbers; a disturbed one never is,
 and the fastest of its attempts is reported, flagged `noisy`.
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from dery.backends import get_backend, sidecar_path
 from dery.cache import Cache, content_key, damaged, read_json
+from dery.defaults import Profiling
 from dery.errors import USAGE, DeryError
 from dery.ir import Partition
 from dery.measure import Method, Timing, measure
@@ -35,11 +36,8 @@ def identity(models: Sequence[str], partition: Partition, stitches: Stitches, zo
     return content_key("assembly", parts, joins)
 
 
-ATTEMPTS = 3
-
-
 def measure_engine(path: Path, identity: str, target: Target, cache: Cache, method: Method = Method(),
-                   pace: Pace = Pace()) -> Timing:
+                   pace: Pace = Pace(), attempts: int = Profiling.verify_attempts) -> Timing:
     """End-to-end latency of an engine file (the verify pass) at the speed of the device's anchor, cached by
     assembly identity and anchor when clean; `pace` is what the profile says about the device's speed
     (dery.reference)."""
@@ -49,7 +47,7 @@ def measure_engine(path: Path, identity: str, target: Target, cache: Cache, meth
 
     def make() -> dict:
         tries = []
-        for _ in range(ATTEMPTS):
+        for _ in range(attempts):
             (timing,), _, _, slow = measure_referenced([backend.engine_step(path, target)],
                                                        backend.step(reference_piece(), target), method, pace)
             if not (timing.noisy or slow):

@@ -4,6 +4,8 @@ Torch-free, so that `--help` and `dery solve` stay light.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 K = 4  # blocks per network = equivalence sets
 BALANCE = "flops"  # what block-size balance is measured in
 BALANCES = ("params", "flops", "latency")
@@ -26,3 +28,13 @@ OUT = "build"
 CONV_ALPHA, CONV_BETA = 0.3, 0.2
 LINEAR_ALPHA, LINEAR_BETA = 0.4, 0.3
 LEGO_SAMPLES = 32
+
+
+@dataclass(frozen=True)
+class Profiling:
+    """How the profile, calibrate and verify passes guard their measurements; tests pass their own."""
+
+    chunk: int = 32  # pieces (or calibration engines) measured together; saved, and resumed, per chunk
+    odd_context: float = 0.2  # a context term this large a share of its triple is measured again (real: < 10%)
+    context_retries: int = 2  # more measurements of an odd context term's pieces
+    verify_attempts: int = 3  # engine measurements, in all, before a disturbed reading is reported as noisy

@@ -66,6 +66,7 @@ class CompileConfig:
     pareto: bool = False
     allow_estimates: bool = False
     seed: int = defaults.SEED
+    profiling: defaults.Profiling = field(default_factory=defaults.Profiling)
 
 
 @contextlib.contextmanager
@@ -138,7 +139,8 @@ def _lower(s: Session) -> None:
 
 
 def _partition(s: Session) -> None:
-    """similarity -> partition (latency-balanced partitions measure their segments first), cached as IR JSON."""
+    """similarity -> partition (latency-balanced partitions measure their segments first), cached as IR JSON;
+    the partition's time includes the similarity and profile stages it runs."""
     from dery.passes.partition import partition
     from dery.passes.profile import segment_latencies
     from dery.passes.similarity import similarity
@@ -170,13 +172,14 @@ def _profile(s: Session) -> None:
     from dery.passes.profile import profile
 
     s.costs = profile(s.lowered, s.partition, s.stitches, s.target, s.store, s.cache, method=Method(),
-                      on_missing=s.on_missing)
+                      settings=s.config.profiling, on_missing=s.on_missing)
 
 
 def _calibrate(s: Session) -> None:
     from dery.passes.calibrate import calibrate
 
-    s.calibration = calibrate(s.lowered, s.partition, s.stitches, s.costs, s.target, s.store, seed=s.config.seed)
+    s.calibration = calibrate(s.lowered, s.partition, s.stitches, s.costs, s.target, s.store, seed=s.config.seed,
+                              settings=s.config.profiling)
 
 
 def _proxy(s: Session) -> None:
@@ -214,9 +217,6 @@ def front(cfg: CompileConfig, until: str = "proxy") -> Session:
     s = Session(cfg, target, device, cache, ProfileStore(cache, target.name),
                 estimator(target, cache) if cfg.allow_estimates else None)
     for name, run in FRONT[:names.index(until) + 1]:
-        if name == "partition":  # times its similarity and (latency balance) profile stages itself
-            run(s)
-            continue
         with stage(name, s.timings):
             run(s)
     return s
@@ -388,7 +388,8 @@ class Search:
             return Result(solution, models, assembly, module, engine, None, proxy, refinement)
         with stage("verify", s.timings):
             timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered), s.target,
-                                    s.cache, pace=s.store.pace(group_of(s.target, s.device)))
+                                    s.cache, pace=s.store.pace(group_of(s.target, s.device)),
+                                    attempts=s.config.profiling.verify_attempts)
         return Result(solution, models, assembly, module, engine, timing, proxy, refinement)
 
     def refine(self, module) -> dict | None:

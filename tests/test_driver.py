@@ -34,11 +34,12 @@ def test_every_default_has_one_source() -> None:
     args = _compile_parser(argparse.ArgumentParser()).parse_args(["--target", "cpu", "--latency-ms", "1"])
     config = CompileConfig(target="cpu", latency_ms=1.0)
     for f in dataclasses.fields(CompileConfig):
-        if f.name in ("target", "latency_ms"):
+        if f.name in ("target", "latency_ms", "profiling"):  # required, or a settings object no flag exposes
             continue
         assert getattr(args, f.name) == getattr(config, f.name), f.name
     assert (config.k, config.balance, config.predictor, config.top) == (defaults.K, defaults.BALANCE,
                                                                         defaults.PREDICTOR, defaults.TOP)
+    assert config.profiling == defaults.Profiling() and not hasattr(args, "profiling")
 
 
 def test_one_setting_changes_without_patching_a_module(tiny) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from dery.defaults import Profiling
 from dery.errors import DeryError
 from dery.ir import LatencyRecord, to_json
 from dery.measure import Method, measure, measure_all, summarize
@@ -273,10 +274,9 @@ def test_interrupted_profiling_resumes_without_remeasuring(tiny, tmp_path, monke
             raise KeyboardInterrupt
         return counted(piece, tgt)
 
-    monkeypatch.setattr(profile_pass, "CHUNK", 2)
     monkeypatch.setattr(ob, "step", failing)
     with pytest.raises(KeyboardInterrupt):
-        ensure_records(items, target, store, method=QUICK)
+        ensure_records(items, target, store, method=QUICK, settings=Profiling(chunk=2))
     assert len(json.loads(store.path.read_text())["records"]) == 4
     calls.clear()
     monkeypatch.setattr(ob, "step", counted)
@@ -424,14 +424,14 @@ def test_context_terms_combine_records_of_groups_measured_at_different_speeds(ti
     windows: list[int] = []
     monkeypatch.setattr(measure_module, "_window", lambda step, method: windows.append(1) or real_window(step, method))
     speeds = (1.0, 1.1, 1.2, 1.3)
-    monkeypatch.setattr(profile_pass, "CHUNK", 8)
+    settings = Profiling(chunk=8)
     items, base, groups = scripted_machine(tiny, monkeypatch, lambda g: speeds[g % 4], lambda g, p: 1.0, seen=1.0)
     store = ProfileStore(Cache(tmp_path), "cpu")
     costs = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"), store, tiny.cache,
-                                 method=QUICK)
-    chunks = -(-len(items) // profile_pass.CHUNK)
+                                 method=QUICK, settings=settings)
+    chunks = -(-len(items) // settings.chunk)
     assert chunks > 2 and groups == [1.0] * chunks
-    sizes = [min(profile_pass.CHUNK, len(items) - g * profile_pass.CHUNK) for g in range(chunks)]
+    sizes = [min(settings.chunk, len(items) - g * settings.chunk) for g in range(chunks)]
     rounds = [QUICK.windows + (QUICK.slow_rounds if speeds[g % 4] > 1 + SLOW else 0) for g in range(chunks)]
     assert costs.measured == len(items) and len(windows) == sum(r * (n + 1) for r, n in zip(rounds, sizes))
     order = {k: i for i, k in enumerate(items)}
@@ -439,12 +439,12 @@ def test_context_terms_combine_records_of_groups_measured_at_different_speeds(ti
     for key in [k for k in items if k[0] == "triple"]:
         truth = true_context(items, base, key)
         assert costs.context_ms(*key[1:]) == pytest.approx(truth, rel=1e-9, abs=1e-12)
-        triple, middle, first, second = (base[items[k].fingerprint] * speeds[order[k] // profile_pass.CHUNK % 4]
+        triple, middle, first, second = (base[items[k].fingerprint] * speeds[order[k] // settings.chunk % 4]
                                          for k in profile_pass.parts(key))
         wrong += abs(triple + middle - first - second - truth) > 0.05
     assert wrong > len(costs.triples) / 2
     again = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"),
-                                 ProfileStore(Cache(tmp_path), "cpu"), tiny.cache, method=QUICK)
+                                 ProfileStore(Cache(tmp_path), "cpu"), tiny.cache, method=QUICK, settings=settings)
     assert again.measured == 0 and again.triples == costs.triples
 
 
@@ -459,7 +459,7 @@ def test_a_piece_caught_alone_in_a_slow_spell_is_measured_again(tiny, tmp_path, 
     timed: list = []
     real = profile_pass.measure_pieces
     monkeypatch.setattr(profile_pass, "measure_pieces", lambda chunk, *args: timed.extend(chunk) or real(chunk, *args))
-    for retries, exact in ((profile_pass.RETRIES, True), (0, False)):
+    for retries, exact in ((Profiling().context_retries, True), (0, False)):
         caught: list[int] = []
         timed.clear()
 
@@ -469,10 +469,10 @@ def test_a_piece_caught_alone_in_a_slow_spell_is_measured_again(tiny, tmp_path, 
             caught[:] = caught or [g]
             return 1.5 if g == caught[0] else 1.0
 
-        monkeypatch.setattr(profile_pass, "RETRIES", retries)
         items, base, _ = scripted_machine(tiny, monkeypatch, lambda g: 1.0, odd)
         costs = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"),
-                                     ProfileStore(Cache(tmp_path / str(retries)), "cpu"), tiny.cache, method=QUICK)
+                                     ProfileStore(Cache(tmp_path / str(retries)), "cpu"), tiny.cache, method=QUICK,
+                                     settings=Profiling(context_retries=retries))
         resting = [k for k in items if k[0] == "triple" and joint in profile_pass.parts(k)]
         assert resting and caught
         for key in resting:
