@@ -22,7 +22,7 @@ import torch
 from dery.backends import Piece
 from dery.cache import Cache
 from dery.errors import DeryError
-from dery.ir import LatencyRecord, utc_timestamp
+from dery.ir import Group, LatencyRecord, utc_timestamp
 from dery.profile_store import ProfileStore
 from dery.targets import Target, registry
 from torch.utils.flop_counter import FlopCounterMode
@@ -93,15 +93,16 @@ def estimator(target: Target, cache: Cache) -> Callable[[dict[tuple, Piece]], di
         source = f"fitted on {len(samples)} records of other {target.device} targets" if fitted else \
             f"priors of {target.path}"
         when = utc_timestamp()
+        group = Group(target.name, f"estimated:{target.device_pattern}", "estimate", "1", target.precision,
+                      target.batch)
         out = {}
         for key, piece in items.items():
             k, f, b = feats[key]
             ms = k * launch + _roofline(f, b, target) / eff
-            out[key] = LatencyRecord(piece.fingerprint, target.name, f"estimated:{target.device_pattern}",
-                                     "estimate", "1", target.precision, target.batch,
-                                     (target.batch, *piece.input_shape), ms, ms, ms, 0.0, 0, when,
-                                     f"estimated: {k:.0f} kernels x {launch * 1e3:.2f} us + roofline / "
-                                     f"{eff:.2f} ({source})", True)
+            out[key] = LatencyRecord.in_group(
+                group, piece.fingerprint, (target.batch, *piece.input_shape), median_ms=ms, p90_ms=ms, min_ms=ms,
+                cv=0.0, runs=0, when=when, estimated=True,
+                how=f"estimated: {k:.0f} kernels x {launch * 1e3:.2f} us + roofline / {eff:.2f} ({source})")
         return out
 
     return estimate

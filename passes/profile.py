@@ -217,8 +217,8 @@ def segment_latencies(zoo: Sequence[Lowered], target: Target, store: ProfileStor
 
 def probe_record(piece: Piece, target: Target, device: str, backend: Backend) -> LatencyRecord:
     """A record with the lookup key of `piece` and empty timings."""
-    return LatencyRecord(piece.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
-                         target.batch, (target.batch, *piece.input_shape), 0.0, 0.0, 0.0, 0.0, 0, "", "")
+    return LatencyRecord.in_group(group_of(target, device), piece.fingerprint, (target.batch, *piece.input_shape),
+                                  median_ms=0.0, p90_ms=0.0, min_ms=0.0, cv=0.0, runs=0, when="", how="")
 
 
 def measure_pieces(items: Sequence[Piece], target: Target, device: str, backend: Backend, method: Method,
@@ -227,11 +227,12 @@ def measure_pieces(items: Sequence[Piece], target: Target, device: str, backend:
     dery.reference), and return their records."""
     timings, reference_ms, anchor_ms, slow = measure_referenced(
         [backend.step(p, target) for p in items], backend.step(reference_piece(), target), method, pace)
-    when = utc_timestamp()
-    return [LatencyRecord(p.fingerprint, target.name, device, backend.NAME, backend.version(), target.precision,
-                          target.batch, (target.batch, *p.input_shape), t.median_ms, t.p90_ms, t.min_ms, t.cv,
-                          t.runs, when, method.describe() + ("; noisy" if t.noisy else "")
-                          + ("; in a slow spell" if slow else ""), reference_ms=reference_ms, anchor_ms=anchor_ms)
+    when, group = utc_timestamp(), group_of(target, device)
+    return [LatencyRecord.in_group(group, p.fingerprint, (target.batch, *p.input_shape), median_ms=t.median_ms,
+                                   p90_ms=t.p90_ms, min_ms=t.min_ms, cv=t.cv, runs=t.runs, when=when,
+                                   how=method.describe() + ("; noisy" if t.noisy else "")
+                                   + ("; in a slow spell" if slow else ""),
+                                   reference_ms=reference_ms, anchor_ms=anchor_ms)
             for p, t in zip(items, timings)]
 
 

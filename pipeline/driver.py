@@ -33,12 +33,17 @@ from .targets import Target, get_target
 from .zoo import Network, load_zoo, native_resolution, parse_zoo
 
 if TYPE_CHECKING:
+    import torch.nn as nn
+    from dery.ir import Assembly
+    from dery.measure import Timing
+    from dery.passes.compile import Engine
     from dery.passes.lower import Lowered
     from dery.passes.profile import Costs
     from dery.passes.proxy import Quality
     from dery.passes.solve import SearchSpace
     from dery.passes.stitch import Stitches
     from dery.profile_store import Calibration
+    from dery.report import Facts
 
 @dataclass(frozen=True)
 class CompileConfig:
@@ -270,7 +275,7 @@ def _closed_loop(cfg: CompileConfig, s: Session, search: Search, out: Path) -> d
     if final is None:
         raise DeryError(f"no assembly fits: {status}")
     pareto = search.pareto_sweep() if cfg.pareto else None
-    return write_outputs(out, s, final, rounds, status, pareto)
+    return write_outputs(out, facts(s, final), final, rounds, status, pareto)
 
 
 def _plan_only(cfg: CompileConfig, s: Session, search: Search, out: Path) -> dict:
@@ -284,19 +289,43 @@ def _plan_only(cfg: CompileConfig, s: Session, search: Search, out: Path) -> dic
               f"nothing was measured. Build and verify on a {s.target.device_pattern} machine with the same "
               f"command (without --allow-estimates), or `dery profile --target {s.target.name}` there and merge "
               f"its table here")
-    return write_outputs(out, s, result, [result.round_json(0, cfg.latency_ms, cfg.latency_ms)], status, None)
+    return write_outputs(out, facts(s, result), result, [result.round_json(0, cfg.latency_ms, cfg.latency_ms)], status,
+                         None)
+
+
+def facts(s: Session, final: Result) -> Facts:
+    """What the report shows beside the final assembly: the members whole and the assembly, scored on test."""
+    from dery.evaluate import accuracy, has_labels
+    from dery.report import Facts
+
+    labelled = has_labels(s.zoo, s.data)
+    test_x, test_y = s.data.images("test"), s.data.split("test").labels
+    members = []
+    for n, lw in zip(s.zoo, s.lowered):
+        params, flops = lw.cost(None, None)
+        rec = s.costs.networks[n.name]
+        members.append({"model": n.name, "arch": n.spec.arch, "latency_ms": rec.median_ms,
+                        "latency_p90_ms": rec.p90_ms, "params": params, "flops": flops, "estimated": rec.estimated,
+                        "accuracy": accuracy(n.module, test_x, test_y) if labelled else None})
+    return Facts(s.target, s.config.latency_ms, tuple(s.zoo[0].input_shape),
+                 {"name": s.data.name, "resolution": s.data.resolution,
+                  "splits": {k: len(v) for k, v in s.data.splits.items()}, "labelled": labelled},
+                 s.partition, {"predictor": s.quality.predictor, "labels": s.quality.labels,
+                               "rerank": s.config.rerank},
+                 members, accuracy(final.module, test_x, test_y) if labelled else None,
+                 s.quality.accuracy(final.models), any(r.estimated for r in s.costs.used(final.models)))
 
 
 @dataclass(frozen=True, eq=False)
 class Result:
     """One solved, assembled, compiled and measured assembly."""
 
-    solution: Any
+    solution: Solution
     models: tuple[str, ...]
-    assembly: Any
-    module: Any
-    engine: Any
-    timing: Any
+    assembly: Assembly
+    module: nn.Module
+    engine: Engine
+    timing: Timing | None
     proxy: float
     refinement: dict | None = None
 

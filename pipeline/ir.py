@@ -11,7 +11,7 @@ import datetime
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -100,6 +100,23 @@ class Stitch:
     flops: int
 
 
+class Group(NamedTuple):
+    """A measurement group: what a record or calibration point was measured with, but the piece. Records of one
+    group compare with each other."""
+
+    target: str
+    device: str
+    backend: str
+    backend_version: str
+    precision: str
+    batch: int
+
+    @classmethod
+    def of(cls, item: Any) -> Group:
+        """The group of anything that carries the group's fields (a record, a calibration point)."""
+        return cls(*(getattr(item, f) for f in cls._fields))
+
+
 @dataclass(frozen=True)
 class LatencyRecord:
     """One measured (or estimated) latency, keyed by what decides it, with the time the reference graph took
@@ -130,10 +147,14 @@ class LatencyRecord:
         return "|".join((self.fingerprint, self.target, self.device, self.backend, self.backend_version,
                          self.precision, str(self.batch), "x".join(map(str, self.shape))))
 
+    @classmethod
+    def in_group(cls, group: Group, fingerprint: str, shape: tuple[int, ...], **fields: Any) -> LatencyRecord:
+        """A record of `group`; the timing fields by name."""
+        return cls(fingerprint, *group, tuple(shape), **fields)
+
     @property
-    def group(self) -> tuple[str, str, str, str, str, int]:
-        """(target, device, backend, version, precision, batch): what a record was measured with, but the piece."""
-        return (self.target, self.device, self.backend, self.backend_version, self.precision, self.batch)
+    def group(self) -> Group:
+        return Group.of(self)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 from .backends import get_backend
 from .cache import Cache, atomic_write_json, file_lock, read_json
 from .errors import USAGE, DeryError
-from .ir import LatencyRecord, from_json, to_json
+from .ir import Group, LatencyRecord, from_json, to_json
 from .reference import Pace
 from .targets import Target
 
@@ -38,7 +38,6 @@ OLDER = {"dery.profile/1": "pieces timed in one window each, stitches alone",
          "dery.profile/3": "calibration points fitted to sums without the triples' context terms",
          "dery.profile/4": "latencies as timed, so the machine's drift between measurement groups stayed in them",
          "dery.profile/5": "context terms taken from each triple's own group, which added that group's noise"}
-Group = tuple[str, str, str, str, str, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +65,7 @@ class CalibrationPoint:
 
     @property
     def group(self) -> Group:
-        return (self.target, self.device, self.backend, self.backend_version, self.precision, self.batch)
+        return Group.of(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +118,7 @@ def group_of(target: Target, device: str) -> Group:
     """The measurement group of a target on a device: (target, device, backend, version, precision, batch);
     records and calibration points of one group are comparable."""
     backend = get_backend(target.backend)
-    return (target.name, device, backend.NAME, backend.version(), target.precision, target.batch)
+    return Group(target.name, device, backend.NAME, backend.version(), target.precision, target.batch)
 
 
 def _parse(path: Path) -> tuple[list[LatencyRecord], list[CalibrationPoint]]:

@@ -7,75 +7,78 @@ so an output directory never holds a report that points at a missing engine.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dery
 
 from .cache import atomic_write, atomic_write_bytes, atomic_write_json, read_json
-from .evaluate import accuracy, has_labels
 
 if TYPE_CHECKING:
-    from .driver import Result, Session
+    from .driver import Result
+    from .ir import Partition
+    from .targets import Target
 
 SCHEMA = "dery.report/1"
 PLOT = "latency_accuracy.png"
 
 
-def build_report(s: Session, final: Result, rounds: list[dict], status: str, pareto: list[dict] | None,
+@dataclass(frozen=True)
+class Facts:
+    """What the run computed that the report shows beside the final assembly: plain values, no driver state."""
+
+    target: Target
+    budget_ms: float
+    input_shape: tuple[int, ...]
+    data: dict[str, Any]  # name, resolution, split sizes, labelled
+    partition: Partition
+    quality: dict[str, Any]  # predictor, labels, rerank
+    members: list[dict[str, Any]]  # one row per zoo member: latency record, cost, test accuracy
+    accuracy: float | None  # the final assembly's on the test split (None without labels)
+    predicted_accuracy: float
+    estimated: bool  # whether any latency the final assembly's cost rests on is estimated
+
+
+def build_report(facts: Facts, final: Result, rounds: list[dict], status: str, pareto: list[dict] | None,
                  engine_name: str) -> dict[str, Any]:
     """The report.json document."""
-    labelled = has_labels(s.zoo, s.data)
-    test_x = s.data.images("test")
-    test_y = s.data.split("test").labels
-    by_name = {lw.name: lw for lw in s.lowered}
-    zoo = []
-    for n in s.zoo:
-        params, flops = by_name[n.name].cost(None, None)
-        rec = s.costs.networks[n.name]
-        zoo.append({"model": n.name, "arch": n.spec.arch, "latency_ms": rec.median_ms, "latency_p90_ms": rec.p90_ms,
-                    "params": params, "flops": flops, "estimated": rec.estimated,
-                    "accuracy": accuracy(n.module, test_x, test_y) if labelled else None})
-    a = final.assembly
+    a, t = final.assembly, final.timing
     stitches = [st for st in a.stitches if st is not None]
-    params = sum(b.params for b in a.blocks) + sum(st.params for st in stitches)
-    flops = sum(b.flops for b in a.blocks) + sum(st.flops for st in stitches)
-    estimated = any(r.estimated for r in s.costs.used(final.models))
+    p = facts.partition
     return {
         "schema": SCHEMA,
         "dery_version": dery.__version__,
         "status": status,
-        "target": s.target.name,
+        "target": facts.target.name,
         "backend": final.engine.backend,
         "backend_version": final.engine.backend_version,
         "device": final.engine.device,
-        "precision": s.target.precision,
-        "batch": s.target.batch,
-        "input_shape": list(s.zoo[0].input_shape),
-        "budget_ms": s.config.latency_ms,
+        "precision": facts.target.precision,
+        "batch": facts.target.batch,
+        "input_shape": list(facts.input_shape),
+        "budget_ms": facts.budget_ms,
         "predicted_latency_ms": final.predicted_ms,
         "measured_latency_ms": final.measured_ms,
-        "measured_p90_ms": final.timing.p90_ms if final.timing else None,
-        "measured_cv": final.timing.cv if final.timing else None,
-        "latency_estimated": estimated,
+        "measured_p90_ms": t.p90_ms if t else None,
+        "measured_cv": t.cv if t else None,
+        "latency_estimated": facts.estimated,
         "engine": engine_name,
         "assembly": [{"set": k, "model": b.model, "first": b.first, "last": b.last, "params": b.params,
                       "flops": b.flops, "activation_bytes": b.activation_bytes} for k, b in enumerate(a.blocks)],
         "stitches": [{"boundary": st.boundary, "from": st.source, "to": st.target, "kind": st.kind,
                       "r2": st.r2, "params": st.params, "flops": st.flops} for st in stitches],
-        "params": params,
-        "flops": flops,
-        "activation_mb": max(b.activation_bytes for b in a.blocks) * s.target.batch / 1e6,
-        "accuracy": accuracy(final.module, test_x, test_y) if labelled else None,
-        "predicted_accuracy": s.quality.accuracy(final.models),
-        "quality": {"predictor": s.quality.predictor, "labels": s.quality.labels, "rerank": s.config.rerank,
-                    "proxy": final.proxy, "objective": final.solution.objective},
+        "params": sum(b.params for b in a.blocks) + sum(st.params for st in stitches),
+        "flops": sum(b.flops for b in a.blocks) + sum(st.flops for st in stitches),
+        "activation_mb": max(b.activation_bytes for b in a.blocks) * facts.target.batch / 1e6,
+        "accuracy": facts.accuracy,
+        "predicted_accuracy": facts.predicted_accuracy,
+        "quality": {**facts.quality, "proxy": final.proxy, "objective": final.solution.objective},
         "stitch_refinement": final.refinement,
-        "data": {"name": s.data.name, "resolution": s.data.resolution,
-                 "splits": {k: len(v) for k, v in s.data.splits.items()}, "labelled": labelled},
-        "partition": {"k": s.partition.k, "balance": s.partition.balance, "objective": s.partition.objective,
-                      "boundaries": {m: list(b) for m, b in zip(s.partition.models, s.partition.boundaries)}},
-        "zoo": zoo,
+        "data": facts.data,
+        "partition": {"k": p.k, "balance": p.balance, "objective": p.objective,
+                      "boundaries": {m: list(b) for m, b in zip(p.models, p.boundaries)}},
+        "zoo": facts.members,
         "rounds": rounds,
         "pareto": pareto,
     }
@@ -183,7 +186,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, s: Session, final: Result, rounds: list[dict], status: str,
+def write_outputs(out: Path, facts: Facts, final: Result, rounds: list[dict], status: str,
                   pareto: list[dict] | None) -> dict[str, Any]:
     """Move the engine into place and write report.json, report.md and the plot."""
     engine_name = f"model{final.engine.path.suffix}"
@@ -193,7 +196,7 @@ def write_outputs(out: Path, s: Session, final: Result, rounds: list[dict], stat
     side["measured_latency_ms"] = final.measured_ms
     side["status"] = status
     atomic_write_json(engine_path.with_name(engine_name + ".json"), side)
-    report = build_report(s, final, rounds, status, pareto, engine_name)
+    report = build_report(facts, final, rounds, status, pareto, engine_name)
     plot(report, out / PLOT)
     atomic_write_bytes(out / "report.md", markdown(report).encode())
     atomic_write_json(out / "report.json", report)

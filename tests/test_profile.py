@@ -21,6 +21,7 @@ from dery.passes.solve import assembly_ids, chosen_models
 from dery.problem import Solution
 from dery.profile_store import SCHEMA, ProfileStore, merge_tables
 from dery.targets import get_target
+from records import record
 
 QUICK = Method(windows=2, warmup_s=0.01, min_iters=15, window_s=0.03, extra_windows=0)
 
@@ -94,12 +95,6 @@ def test_every_extracted_piece_equals_its_torch_module(tiny) -> None:
         got = sess.run(None, {"x": x.numpy()})[0]
         assert got.shape == ref.shape, key
         assert np.abs(got - ref).max() <= 1e-4, key
-
-
-def record(fp: str, when: str = "2026-01-01T00:00:00+00:00", ms: float = 1.0, device: str = "cpu-a",
-           reference: float = 0.0, anchor: float = 0.0) -> LatencyRecord:
-    return LatencyRecord(fp, "cpu", device, "onnxruntime", "1.0", "fp32", 1, (1, 3, 8, 8), ms, ms, ms, 0.0, 10,
-                         when, "test", reference_ms=reference, anchor_ms=anchor)
 
 
 def test_the_reference_graph_is_fixed_and_its_module_computes_the_same() -> None:

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+import records
 import torch
 from dery.cache import Cache
 from dery.ir import LatencyRecord
@@ -17,8 +18,7 @@ SPAWN = mp.get_context("spawn")
 
 
 def record(fp: str, ms: float, when: str = "2026-01-01T00:00:00+00:00") -> LatencyRecord:
-    return LatencyRecord(fp, "cpu", "test-cpu", "onnxruntime", "1.0", "fp32", 1, (1, 3, 8, 8), ms, ms, ms, 0.0, 10,
-                         when, "test", reference_ms=4.0, anchor_ms=4.0)
+    return records.record(fp, when, ms, "test-cpu", reference=4.0, anchor=4.0)
 
 
 def _writer(root: str, name: str, done, start) -> None:
