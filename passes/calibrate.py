@@ -15,6 +15,7 @@ measured twice; other zoos' points serve only a device that is not here.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import tempfile
 from collections.abc import Callable, Sequence
@@ -99,7 +100,9 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
 
     def point(models: tuple[str, ...], measured: float, anchor_ms: float) -> CalibrationPoint:
         blocks, boundaries = costs.sums(models)
-        return CalibrationPoint(*group, ids[models], blocks, boundaries, switches(models), measured, when, anchor_ms)
+        return CalibrationPoint(**dataclasses.asdict(group), assembly=ids[models], blocks_ms=blocks,
+                                boundaries_ms=boundaries, stitches=switches(models), measured_ms=measured, when=when,
+                                anchor_ms=anchor_ms)
 
     store.add_points(point(m, costs.networks[m[0]].median_ms, costs.networks[m[0]].anchor_ms) for m in members
                      if ids[m] not in known)

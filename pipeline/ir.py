@@ -11,7 +11,7 @@ import datetime
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -100,9 +100,10 @@ class Stitch:
     flops: int
 
 
-class Group(NamedTuple):
+@dataclass(frozen=True)
+class Group:
     """A measurement group: what a record or calibration point was measured with, but the piece. Records of one
-    group compare with each other."""
+    group compare with each other; records and points carry these fields themselves."""
 
     target: str
     device: str
@@ -111,25 +112,18 @@ class Group(NamedTuple):
     precision: str
     batch: int
 
-    @classmethod
-    def of(cls, item: Any) -> Group:
-        """The group of anything that carries the group's fields (a record, a calibration point)."""
-        return cls(*(getattr(item, f) for f in cls._fields))
+    @property
+    def group(self) -> Group:
+        return Group(*(getattr(self, f.name) for f in dataclasses.fields(Group)))
 
 
 @dataclass(frozen=True)
-class LatencyRecord:
+class LatencyRecord(Group):
     """One measured (or estimated) latency, keyed by what decides it, with the time the reference graph took
     in the same measurement group and the anchor its median is expressed at (0 for estimates; see
     dery.reference)."""
 
     fingerprint: str
-    target: str
-    device: str
-    backend: str
-    backend_version: str
-    precision: str
-    batch: int
     shape: tuple[int, ...]
     median_ms: float
     p90_ms: float
@@ -150,11 +144,7 @@ class LatencyRecord:
     @classmethod
     def in_group(cls, group: Group, fingerprint: str, shape: tuple[int, ...], **fields: Any) -> LatencyRecord:
         """A record of `group`; the timing fields by name."""
-        return cls(fingerprint, *group, tuple(shape), **fields)
-
-    @property
-    def group(self) -> Group:
-        return Group.of(self)
+        return cls(**dataclasses.asdict(group), fingerprint=fingerprint, shape=tuple(shape), **fields)
 
 
 @dataclass(frozen=True)

@@ -41,15 +41,9 @@ OLDER = {"dery.profile/1": "pieces timed in one window each, stitches alone",
 
 
 @dataclasses.dataclass(frozen=True)
-class CalibrationPoint:
+class CalibrationPoint(Group):
     """One measured engine: its latency and the sums the program would have predicted it from."""
 
-    target: str
-    device: str
-    backend: str
-    backend_version: str
-    precision: str
-    batch: int
     assembly: str
     blocks_ms: float
     boundaries_ms: float
@@ -63,9 +57,6 @@ class CalibrationPoint:
         return "|".join((self.target, self.device, self.backend, self.backend_version, self.precision,
                          str(self.batch), self.assembly))
 
-    @property
-    def group(self) -> Group:
-        return Group.of(self)
 
 
 @dataclasses.dataclass(frozen=True)
