@@ -176,6 +176,14 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_zoo(args: argparse.Namespace) -> int:
+    from .zoo import remake_shipped
+
+    for path in remake_shipped(args.output):
+        print(f"{path} {path.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from .driver import front
     from .profile_store import merge_tables
@@ -322,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="assembled checkpoint to write (.pt)")
     _common(p)
     p.set_defaults(handler=cmd_assemble)
+    p = sub.add_parser("train-zoo", help="train the default zoo afresh and write the weights dery ships")
+    p.add_argument("-o", "--output", type=Path, default=defaults.SHIPPED_WEIGHTS,
+                   help="directory of the shipped weights (default: the package's own, %(default)s)")
+    _common(p)
+    p.set_defaults(handler=cmd_train_zoo)
     p = sub.add_parser("targets", help="list targets and whether they can run here")
     _common(p)
     p.set_defaults(handler=cmd_targets)

@@ -5,6 +5,7 @@ Torch-free, so that `--help` and `dery solve` stay light.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 K = 4  # blocks per network = equivalence sets
 BALANCE = "flops"  # what block-size balance is measured in
@@ -23,6 +24,7 @@ MAX_ROUNDS = 4  # closed-loop rounds at most
 STITCH_EPOCHS = 0  # end-to-end stitch training of the chosen assembly (0: the least-squares fit only)
 CALIBRATION_ASSEMBLIES = 12  # random assemblies measured whole to calibrate the latency model
 OUT = "build"
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights"  # the default zoo's members, trained by `dery train-zoo`
 
 # Model LEGO (dery disassemble): alpha/beta thresholds per layer kind (the paper's), confident samples per class.
 CONV_ALPHA, CONV_BETA = 0.3, 0.2

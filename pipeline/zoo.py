@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .cache import Cache, content_key
+from . import defaults
+from .cache import Cache, atomic_write, content_key, ensure_dir
 from .data import Dataset
 from .errors import USAGE, DeryError
 from .training import fit
@@ -196,6 +197,47 @@ def _state_key(model: nn.Module) -> str:
     return h.hexdigest()[:24]
 
 
+def shipped_path(spec: MemberSpec, data: Dataset) -> Path:
+    """Where the package keeps an embedded member's weights for this data (`dery train-zoo` writes them)."""
+    key = content_key("zoo-shipped", spec.name, spec.arch, spec.kwargs, spec.recipe, data.fingerprint)
+    return defaults.SHIPPED_WEIGHTS / f"{spec.name}-{key[:16]}.pt"
+
+
+def remake_shipped(out: Path = defaults.SHIPPED_WEIGHTS) -> list[Path]:
+    """Train the default preset afresh on the embedded data and write the package's weights into `out`; weights
+    there that the preset no longer names are removed. Returns the files written."""
+    from .data import load_data
+
+    specs = PRESETS["default"]
+    data = load_data(None, native_resolution(specs))
+    ensure_dir(out, "weights directory")
+    written = []
+    for spec in specs:
+        path = out / shipped_path(spec, data).name
+        atomic_write(path, lambda p, spec=spec: save_trained(trained(spec, data), spec, data, p))
+        written.append(path)
+    for stale in set(out.glob("*.pt")) - set(written):
+        stale.unlink()
+    return written
+
+
+def trained(spec: MemberSpec, data: Dataset) -> Normalized:
+    """A member built from the recipe's seed (whatever ran before) and trained on `data`."""
+    torch.manual_seed(spec.recipe.seed)
+    m = _wrap(_build(spec, data.num_classes), spec)
+    train(m, data, spec.recipe, spec.name)
+    return m
+
+
+def save_trained(m: Normalized, spec: MemberSpec, data: Dataset, path: Path) -> None:
+    """Write a trained member as a dery checkpoint."""
+    torch.save({"format": CHECKPOINT_FORMAT, "name": spec.name, "arch": spec.arch,
+                "kwargs": [list(kv) for kv in spec.kwargs], "resolution": spec.resolution,
+                "num_classes": data.num_classes, "classes": list(data.classes),
+                "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist(),
+                "state_dict": m.net.state_dict()}, path)
+
+
 def train(module: Normalized, data: Dataset, recipe: Recipe, label: str) -> None:
     """Train a freshly initialised member on the data's train split (deterministic for a seed)."""
     torch.manual_seed(recipe.seed)
@@ -261,23 +303,15 @@ def load_member(spec: MemberSpec, data: Dataset | None, cache: Cache) -> Network
     if spec.weights == "train":
         if data is None:
             raise DeryError(f"{spec.name} is trained by dery and needs data to train on", exit_code=USAGE)
-        key = content_key("zoo", spec.arch, spec.kwargs, spec.recipe, data.fingerprint, torch.__version__.split("+")[0],
-                          2)
-        def make() -> Normalized:
-            torch.manual_seed(spec.recipe.seed)  # initial weights from the recipe's seed, whatever ran before
-            m = _wrap(_build(spec, data.num_classes), spec)
-            train(m, data, spec.recipe, spec.name)
-            return m
-
-        def save(m: Normalized, p: Path) -> None:
-            torch.save({"format": CHECKPOINT_FORMAT, "name": spec.name, "arch": spec.arch,
-                        "kwargs": [list(kv) for kv in spec.kwargs], "resolution": spec.resolution,
-                        "num_classes": data.num_classes, "classes": list(data.classes),
-                        "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist(),
-                        "state_dict": m.net.state_dict()}, p)
-
-        module = cache.get_or_make("zoo", f"{spec.name}-{key}", ".pt", make=make, save=save,
-                                   load=lambda p: _load_dery_checkpoint(spec, p), what="trained zoo member")
+        shipped = shipped_path(spec, data)
+        if shipped.is_file():
+            module = _load_dery_checkpoint(spec, shipped)
+        else:
+            key = content_key("zoo", spec.arch, spec.kwargs, spec.recipe, data.fingerprint,
+                              torch.__version__.split("+")[0], 2)
+            module = cache.get_or_make("zoo", f"{spec.name}-{key}", ".pt", make=lambda: trained(spec, data),
+                                       save=lambda m, p: save_trained(m, spec, data, p),
+                                       load=lambda p: _load_dery_checkpoint(spec, p), what="trained zoo member")
     elif spec.weights == "pretrained":
         module = _wrap(_build(spec, None, pretrained=True), spec)
     elif spec.weights == "random":
