@@ -31,6 +31,9 @@ CONV_ALPHA, CONV_BETA = 0.3, 0.2
 LINEAR_ALPHA, LINEAR_BETA = 0.4, 0.3
 LEGO_SAMPLES = 32
 
+# Deep Incubation: the weight of the output anchor (0: the paper's plain incubation; see pipeline/incubate.py).
+INCUBATE_ANCHOR = 10.0
+
 
 @dataclass(frozen=True)
 class Profiling:
