@@ -183,6 +183,7 @@ def test_dery_profile_reuses_records_and_merges(tiny, tmp_path, capsys) -> None:
     assert sorted(map(key, table["calibration"])) == sorted(map(key, cal))
 
 
+@pytest.mark.slow  # the default run stays under 5 minutes on 2 cores
 def test_unreachable_target_with_estimates_plans_and_flags_every_figure(tiny, tmp_path) -> None:
     # A GPU target this machine cannot measure, by the product's availability test (at most one matches here).
     name, reason = next((n, availability(get_target(n))[1]) for n in ("a100", "h100", "h200")
@@ -200,6 +201,7 @@ def test_unreachable_target_with_estimates_plans_and_flags_every_figure(tiny, tm
     assert "(est.)" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow  # the default run stays under 5 minutes on 2 cores
 def test_latency_balance_keeps_every_block_under_the_cap(tiny) -> None:
     from dery.passes.partition import partition
     from dery.passes.profile import segment_latencies
@@ -237,6 +239,7 @@ def test_memory_limit_prunes_blocks_above_it(tiny) -> None:
                        calibration=tiny.calibration, memory_mb=sizes[0] / 10)
 
 
+@pytest.mark.slow  # the default run stays under 5 minutes on 2 cores
 def test_pareto_sweep_and_stitch_refinement(tiny, budget, tmp_path) -> None:
     """--pareto: distinct assemblies from the fastest assembly up, each measured and in the report and plot;
     --stitch-epochs: the engine carries the refined stitches (its accuracy is the refined module's)."""

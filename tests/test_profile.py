@@ -406,6 +406,7 @@ def true_context(items, base, triple: tuple) -> float:
     return triple_ms + middle - first - second
 
 
+@pytest.mark.slow  # the default run stays under 5 minutes on 2 cores
 def test_context_terms_combine_records_of_groups_measured_at_different_speeds(tiny, tmp_path, monkeypatch) -> None:
     """Each chunk runs 1.0-1.3x slow and the reference graph sees it: every record is anchored to the first
     group's speed, so a context term taken from four records of different groups is exact; each piece is
