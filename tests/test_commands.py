@@ -67,6 +67,7 @@ def test_solve_infeasible_and_damaged_problems(tmp_path) -> None:
     assert one_line(r.stderr).startswith(f"dery solve: {broken}:1:")
 
 
+@pytest.mark.slow  # the default run stays under 5 minutes on 2 cores
 def test_partition_json_is_the_cached_partition(tiny) -> None:
     from dery.passes.partition import partition_json
 

@@ -88,6 +88,7 @@ def test_ok_report(tiny, budget, tmp_path) -> None:
     assert json.loads((tmp_path / "report.json").read_text()) == report
 
 
+@pytest.mark.slow  # the default run stays under 5 minutes on 2 cores
 def test_over_budget_report(tiny, budget, tmp_path, monkeypatch) -> None:
     import dery.passes.verify as verify
 
