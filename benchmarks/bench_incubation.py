@@ -81,7 +81,7 @@ def incubate(build, data, em: int, ek: int, ef: int, lr: float, anchor: float, t
     shapes = module_shapes(mods, (3, data.resolution, data.resolution))
     meta, _ = meta_model(shapes, data, epochs=em, lr=lr, seed=0, path=d / "meta.pt")
     rep["swaps"] = swaps(mods, meta, tx, ty)
-    rep["bn_reestimated_accuracy"] = bn_reestimated(mods, data.split("train").images.float() / 255, tx, ty)
+    rep["bn_reestimated_accuracy"] = bn_reestimated(mods, data.images("train"), tx, ty)
     rep["modules"] = mods
     return rep
 
@@ -90,8 +90,7 @@ def measure(name: str, recipe: dict, data, control: bool = True, end_to_end: boo
             plain: bool = True) -> dict:
     build, lr = recipe["build"], recipe["lr"]
     em, ek, ef = recipe["epochs_meta"], recipe["epochs_module"], recipe["epochs_finetune"]
-    te = data.split("test")
-    tx, ty = te.images.float() / 255, te.labels
+    tx, ty = data.images("test"), data.split("test").labels
     out: dict = {"what": recipe["what"], "epochs": {"meta": em, "module": ek, "finetune": ef}, "lr": lr}
     out["incubation"] = incubate(build, data, em, ek, ef, lr, ANCHOR, tx, ty)
     mods = out["incubation"].pop("modules")
@@ -110,7 +109,7 @@ def measure(name: str, recipe: dict, data, control: bool = True, end_to_end: boo
         net = Hybrid(build(0), None)
         s = data.split("train")
         t = time.perf_counter()
-        fit(net, list(net.parameters()), s.images.float() / 255, s.labels, epochs=total, lr=lr, weight_decay=0.05,
+        fit(net, list(net.parameters()), data.images("train"), s.labels, epochs=total, lr=lr, weight_decay=0.05,
             batch=64, seed=0, schedule="one-cycle", train_mode=True, label=f"{name}: end to end")
         out["end_to_end"] = {"epochs": total, "accuracy": accuracy(net, tx, ty), "wall_s": time.perf_counter() - t}
     if plain:

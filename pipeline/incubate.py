@@ -241,9 +241,8 @@ def _load(path: Path, what: str) -> dict[str, Any]:
 
 def _train(model: nn.Module, params: list[nn.Parameter], data: Dataset, epochs: int, lr: float, seed: int,
            schedule: str, label: str) -> None:
-    s = data.split("train")
-    fit(model, params, s.images.float().div(255.0), s.labels, epochs=epochs, lr=lr, weight_decay=0.05, batch=64,
-        seed=seed, schedule=schedule, train_mode=True, label=label)
+    fit(model, params, data.images("train"), data.split("train").labels, epochs=epochs, lr=lr, weight_decay=0.05,
+        batch=64, seed=seed, schedule=schedule, train_mode=True, label=label)
 
 
 def _meta_io(meta: Hybrid, i: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,8 +296,7 @@ def incubate_module(module: nn.Module, i: int, meta: Hybrid, data: Dataset, *, e
     meta.eval()
     pull = None
     if anchor > 0 and i < len(meta.parts) - 1:
-        train_x = data.split("train").images[:1024].float().div(255.0)
-        pull = (meta.parts[i], _scale(_meta_io(meta, i, train_x)[1]), anchor)
+        pull = (meta.parts[i], _scale(_meta_io(meta, i, data.images("train", 1024))[1]), anchor)
     hybrid = Hybrid([*meta.parts[:i], module, *meta.parts[i + 1:]], i, pull)
     _train(hybrid, list(module.parameters()), data, epochs, lr, seed, "one-cycle", f"incubate: module {i}")
     return hybrid.eval()
@@ -319,8 +317,7 @@ def incubate_modules(modules: Sequence[nn.Module], data: Dataset, run_dir: Path,
     run_dir = Path(run_dir)
     k = len(modules)
     shapes = module_shapes(modules, (3, data.resolution, data.resolution))
-    test = data.split("test")
-    tx, ty = test.images.float().div(255.0), test.labels
+    tx, ty = data.images("test"), data.split("test").labels
     report: dict[str, Any] = {"k": k, "shapes": [list(s) for s in shapes], "anchor": anchor, "trained": [],
                               "wall_s": {}}
     t = time.perf_counter()
