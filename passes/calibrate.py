@@ -29,7 +29,7 @@ from dery.measure import Method, Timing
 from dery.passes.assemble import assemble
 from dery.passes.compile import compile_engine
 from dery.passes.lower import Lowered
-from dery.passes.profile import Costs
+from dery.passes.profile import Costs, Profiler
 from dery.passes.stitch import Stitches
 from dery.passes.verify import identity
 from dery.profile_store import Calibration, CalibrationPoint, ProfileStore, group_of
@@ -82,9 +82,11 @@ def engine_latencies(assemblies: Sequence[tuple[str, ...]], zoo: Sequence[Lowere
 
 def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, costs: Costs, target: Target,
               store: ProfileStore, *, assemblies: int = defaults.CALIBRATION_ASSEMBLIES,
-              seed: int = defaults.SEED, settings: Profiling = Profiling()) -> Calibration:
+              seed: int = defaults.SEED, settings: Profiling = Profiling(), profiler: Profiler | None = None
+              ) -> Calibration:
     """The calibrate pass: add this zoo's points when the target is here, then fit them (a zoo of networks
-    ten times larger or smaller caches and fuses differently; other zoos' points are not mixed in).
+    ten times larger or smaller caches and fuses differently; other zoos' points are not mixed in). With a
+    `profiler`, the joints and triples of the random assemblies are measured first where they are not yet.
 
     Without the device, the stored points of the best-covered matching device are used (none: the plain sum).
     """
@@ -97,6 +99,9 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
     members = [(m,) * partition.k for m in partition.models]
     mixed = random_assemblies(partition, stitches, assemblies, seed)
     ids = {m: identity(m, partition, stitches, zoo) for m in [*members, *mixed]}
+    if profiler is not None:
+        profiler.ensure([key for m in mixed for key in costs.missing(m)])
+        costs = profiler.costs()
 
     def point(models: tuple[str, ...], measured: float, anchor_ms: float) -> CalibrationPoint:
         blocks, boundaries = costs.sums(models)

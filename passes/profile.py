@@ -27,6 +27,13 @@ as it is measured (`Profiling.chunk`); ONNX graphs are built only for what is me
 When the target's device is not here, stored records are used; anything
 missing is an error that lists the pieces and the command that measures them
 on the right device.
+
+A compile measures on demand (`Profiler`): the blocks, the members and every
+member's own joints and triples first, every other joint and triple only when
+a solution rests on it. Until then an unmeasured boundary or context term
+takes its floor, a figure below any the measured ones reach (`floors`), so a
+solution that rests on measured terms only is optimal for the full table too.
+`dery profile` measures everything.
 """
 from __future__ import annotations
 
@@ -63,19 +70,35 @@ class Costs:
     networks: dict[str, LatencyRecord] = field(repr=False)
     measured: int
     reused: int
+    boundary_floor_ms: float = 0.0
+    context_floor_ms: float = 0.0
 
     def boundary_ms(self, a: str, b: str, j: int) -> float:
-        """What boundary j from model a to model b adds to an engine: its joint less its two blocks."""
+        """What boundary j from model a to model b adds to an engine: its joint less its two blocks (the floor
+        while the joint is not measured)."""
+        if (a, b, j) not in self.joints:
+            return self.boundary_floor_ms
         return self.joints[a, b, j].median_ms - self.blocks[a, j].median_ms - self.blocks[b, j + 1].median_ms
 
     def context_ms(self, a: str, b: str, c: str, j: int) -> float:
         """What boundaries j and j + 1 add together beyond each alone: the triple a, b, c less its two joints,
-        plus its middle block (counted by both joints); none when any of the four is an estimate."""
+        plus its middle block (counted by both joints); none when any of the four is an estimate, the floor
+        while one is not measured."""
+        if (a, b, c, j) not in self.triples or (a, b, j) not in self.joints or (b, c, j + 1) not in self.joints:
+            return self.context_floor_ms
         records = (self.triples[a, b, c, j], self.blocks[b, j + 1], self.joints[a, b, j], self.joints[b, c, j + 1])
         if any(r.estimated for r in records):
             return 0.0
         triple, middle, first, second = (r.median_ms for r in records)
         return triple + middle - first - second
+
+    def missing(self, models: Sequence[str]) -> list[tuple]:
+        """The piece keys of an assembly's joints and triples that are not measured yet."""
+        joints = [("joint", a, b, j) for j, (a, b) in enumerate(zip(models, models[1:]))
+                  if (a, b, j) not in self.joints]
+        triples = [("triple", *run, j) for j, run in enumerate(zip(models, models[1:], models[2:]))
+                   if (*run, j) not in self.triples]
+        return joints + triples
 
     def used(self, models: Sequence[str]) -> list[LatencyRecord]:
         """The records an assembly's in-context latency is made of."""
@@ -296,13 +319,13 @@ def parts(triple: tuple) -> list[tuple]:
     return [triple, ("block", b, j + 1), ("joint", a, b, j), ("joint", b, c, j + 1)]
 
 
-def costs_of(found: dict[tuple, LatencyRecord], measured: int) -> Costs:
-    """The records by kind, as the search space uses them."""
+def costs_of(found: dict[tuple, LatencyRecord], measured: int, floors: tuple[float, float] = (0.0, 0.0)) -> Costs:
+    """The records by kind, as the search space uses them, with the floors of unmeasured terms."""
     return Costs({(k[1], k[2]): r for k, r in found.items() if k[0] == "block"},
                  {(k[1], k[2], k[3]): r for k, r in found.items() if k[0] == "joint"},
                  {(k[1], k[2], k[3], k[4]): r for k, r in found.items() if k[0] == "triple"},
                  {k[1]: r for k, r in found.items() if k[0] == "network"},
-                 measured, len(found) - measured)
+                 measured, len(found) - measured, *floors)
 
 
 def settle_contexts(found: dict[tuple, LatencyRecord], fresh: Sequence[tuple], items: dict[tuple, Piece],
@@ -318,6 +341,7 @@ def settle_contexts(found: dict[tuple, LatencyRecord], fresh: Sequence[tuple], i
     for _ in range(settings.context_retries):
         costs = costs_of(found, 0)
         odd = [k for k in found if k[0] == "triple" and recent.intersection(parts(k))
+               and all(p in found for p in parts(k))
                and abs(costs.context_ms(*k[1:])) > settings.odd_context * found[k].median_ms]
         if not odd:
             break
@@ -329,12 +353,71 @@ def settle_contexts(found: dict[tuple, LatencyRecord], fresh: Sequence[tuple], i
     return again
 
 
+def first_keys(items: dict[tuple, Piece]) -> list[tuple]:
+    """What a compile measures before it solves: every block and member, and each member's own joints and
+    triples (the boundaries of the assemblies that keep one model)."""
+    return [k for k in items if k[0] in ("block", "network") or len(set(k[1:-1])) == 1]
+
+
+def floors(costs: Costs, settings: Profiling = Profiling()) -> tuple[float, float]:
+    """The figures unmeasured boundary and context terms take: below the lowest measured one by
+    `settings.floor_margin` of the slowest block (a stitch only adds work to a boundary, so a measured
+    term is never far below them)."""
+    margin = settings.floor_margin * max(r.median_ms for r in costs.blocks.values())
+    boundaries = [costs.boundary_ms(*k) for k in costs.joints]
+    contexts = [costs.context_ms(*k) for k in costs.triples]
+    return min(0.0, *boundaries) - margin, min(0.0, *contexts) - margin
+
+
+@dataclass(eq=False)
+class Profiler:
+    """The latency records of one search space, measured as they are asked for; `costs()` is what they give."""
+
+    items: dict[tuple, Piece]
+    target: Target
+    store: ProfileStore
+    method: Method
+    settings: Profiling
+    on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None
+    found: dict[tuple, LatencyRecord] = field(default_factory=dict)
+    fresh: set[tuple] = field(default_factory=set)
+    on_demand: bool = False
+    floors: tuple[float, float] = (0.0, 0.0)
+
+    def ensure(self, keys: Sequence[tuple]) -> int:
+        """Records for the pieces `keys`: looked up, else measured (odd context terms measured again); returns
+        how many pieces were measured now."""
+        todo = {k: self.items[k] for k in dict.fromkeys(keys) if k not in self.found}
+        if not todo:
+            return 0
+        found, fresh = ensure_records(todo, self.target, self.store, method=self.method, settings=self.settings,
+                                      on_missing=self.on_missing)
+        self.found.update(found)
+        again = settle_contexts(self.found, fresh, self.items, self.target, self.store, method=self.method,
+                                settings=self.settings)
+        self.fresh |= {*fresh, *again}
+        return len(fresh) + len(again)
+
+    def settle_floors(self) -> None:
+        """Fix the floors of unmeasured terms from what is measured now (nothing is unmeasured without
+        `on_demand`)."""
+        if self.on_demand:
+            self.floors = floors(self.costs(), self.settings)
+
+    def costs(self) -> Costs:
+        """The records so far, with the floors for what is not measured."""
+        return costs_of(self.found, len(self.fresh), self.floors)
+
+
 def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, target: Target,
             store: ProfileStore, cache: Cache, *, method: Method = Method(), settings: Profiling = Profiling(),
-            on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None) -> Costs:
-    """The profile pass: a latency record for every block, joint, triple and zoo member, with any odd context
-    term's pieces measured again."""
+            on_missing: Callable[[dict[tuple, Piece]], dict[tuple, LatencyRecord]] | None = None,
+            on_demand: bool = False) -> Profiler:
+    """The profile pass: a latency record for every block, joint, triple and zoo member (with `on_demand`,
+    for the blocks, the members and the members' own joints and triples, the rest left to the solve), with any
+    odd context term's pieces measured again."""
     items = pieces(zoo, partition, stitches, target.batch, cache)
-    found, fresh = ensure_records(items, target, store, method=method, settings=settings, on_missing=on_missing)
-    again = settle_contexts(found, fresh, items, target, store, method=method, settings=settings)
-    return costs_of(found, len(set(fresh) | set(again)))
+    profiler = Profiler(items, target, store, method, settings, on_missing, on_demand=on_demand)
+    profiler.ensure(first_keys(items) if on_demand else list(items))
+    profiler.settle_floors()
+    return profiler

@@ -100,13 +100,14 @@ def search_problem(partition: Partition, costs: Costs, quality: Quality, stitche
     latency, extras = {}, {}
     for (a, b, j), (_, _, extra) in joins.items():
         for before in [None] if j == 0 else [p for p in fitting[j - 1] if (p, a, j - 1) in joins]:
-            used = [costs.joints[a, b, j]]
+            used = [costs.joints.get((a, b, j))]
             added = costs.boundary_ms(a, b, j)
             if before is not None:
-                used.append(costs.triples[before, a, b, j - 1])
+                used.append(costs.triples.get((before, a, b, j - 1)))
                 added += costs.context_ms(before, a, b, j - 1)
             latency[before, a, b, j] = cal.boundary_ms(added, a != b)
-            extras[before, a, b, j] = {**extra, **({"estimated": True} if any(r.estimated for r in used) else {})}
+            extras[before, a, b, j] = {**extra, **({"estimated": True} if any(r and r.estimated for r in used) else {}),
+                                       **({"unmeasured": True} if None in used else {})}
     # Every assembly crosses exactly K-1 boundaries, so lifting each by the largest saving and lowering the
     # fixed latency by K-1 times it keeps every total exact and every figure non-negative, as the format needs.
     lift = max(0.0, -min(latency.values(), default=0.0))

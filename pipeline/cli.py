@@ -85,6 +85,9 @@ def _compile_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(default 0: the closed-form least-squares fit only)")
     p.add_argument("--top", type=positive_int, default=defaults.TOP,
                    help=f"how many best solutions to re-rank (default {defaults.TOP})")
+    p.add_argument("--measure", choices=defaults.MEASURES, default=defaults.MEASURE,
+                   help="measure the joints and triples the best solutions rest on, or every one first "
+                        f"(default {defaults.MEASURE}; both give the same answer)")
     p.add_argument("--max-rounds", type=positive_int, default=defaults.MAX_ROUNDS,
                    help=f"closed-loop rounds at most (default {defaults.MAX_ROUNDS})")
     p.add_argument("--save-problem", type=Path, help="also write the solved search problem (dery.problem/1)")
@@ -104,7 +107,7 @@ def _config(args: argparse.Namespace):
                          probe=args.probe, predictor=args.predictor, rerank=args.rerank, top=args.top,
                          params_limit=args.params_limit, flops_limit=args.flops_limit,
                          memory_limit_mb=args.memory_limit_mb, max_rounds=args.max_rounds,
-                         stitch_epochs=args.stitch_epochs,
+                         stitch_epochs=args.stitch_epochs, measure=args.measure,
                          save_problem=args.save_problem, pareto=args.pareto, allow_estimates=args.allow_estimates,
                          seed=args.seed)
 
@@ -159,7 +162,8 @@ def _front_config(args: argparse.Namespace, target: str) -> CompileConfig:
     from .driver import CompileConfig
 
     return CompileConfig(target=target, latency_ms=1.0, zoo=args.zoo, data=args.data, k=args.k, balance=args.balance,
-                         slack=args.slack, similarity=args.similarity, probe=args.probe, seed=args.seed)
+                         slack=args.slack, similarity=args.similarity, probe=args.probe, seed=args.seed,
+                         measure="all")
 
 
 def cmd_partition(args: argparse.Namespace) -> int:

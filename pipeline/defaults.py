@@ -20,6 +20,8 @@ PREDICTORS = ("pairwise", "pairwise-log", "stitch-r2", "member-acc")
 RERANK = "val-acc"  # the whole-network proxy that re-ranks the program's best solutions
 PROXIES = ("val-acc", "naswot", "linear-probe")
 TOP = 5  # best solutions re-ranked
+MEASURE = "on-demand"  # what a compile measures: the pieces its solutions rest on, or "all" of them
+MEASURES = ("on-demand", "all")
 MAX_ROUNDS = 4  # closed-loop rounds at most
 STITCH_EPOCHS = 0  # end-to-end stitch training of the chosen assembly (0: the least-squares fit only)
 CALIBRATION_ASSEMBLIES = 12  # random assemblies measured whole to calibrate the latency model
@@ -42,4 +44,6 @@ class Profiling:
     chunk: int = 32  # pieces (or calibration engines) measured together; saved, and resumed, per chunk
     odd_context: float = 0.2  # a context term this large a share of its triple is measured again (real: < 10%)
     context_retries: int = 2  # more measurements of an odd context term's pieces
+    floor_margin: float = 0.5  # an unmeasured term's floor: this share of the slowest block below the lowest measured
     verify_attempts: int = 3  # engine measurements, in all, before a disturbed reading is reported as noisy
+    verify_off: float = 0.15  # an engine reading this far off its prediction is measured again to confirm it

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from dery.measure import Timing
     from dery.passes.compile import Engine
     from dery.passes.lower import Lowered
-    from dery.passes.profile import Costs
+    from dery.passes.profile import Costs, Profiler
     from dery.passes.proxy import Quality
     from dery.passes.solve import SearchSpace
     from dery.passes.stitch import Stitches
@@ -67,6 +67,7 @@ class CompileConfig:
     memory_limit_mb: float | None = None
     max_rounds: int = defaults.MAX_ROUNDS
     stitch_epochs: int = defaults.STITCH_EPOCHS
+    measure: str = defaults.MEASURE
     save_problem: Path | None = None
     pareto: bool = False
     allow_estimates: bool = False
@@ -126,6 +127,7 @@ class Session:
     lowered: tuple[Lowered, ...] = ()
     partition: Partition | None = None
     stitches: Stitches | None = None
+    profiler: Profiler | None = None
     costs: Costs | None = None
     calibration: Calibration | None = None
     quality: Quality | None = None
@@ -176,15 +178,19 @@ def _stitch(s: Session) -> None:
 def _profile(s: Session) -> None:
     from dery.passes.profile import profile
 
-    s.costs = profile(s.lowered, s.partition, s.stitches, s.target, s.store, s.cache, method=Method(),
-                      settings=s.config.profiling, on_missing=s.on_missing)
+    s.profiler = profile(s.lowered, s.partition, s.stitches, s.target, s.store, s.cache, method=Method(),
+                         settings=s.config.profiling, on_missing=s.on_missing,
+                         on_demand=s.config.measure == "on-demand" and s.device is not None)
+    s.costs = s.profiler.costs()
 
 
 def _calibrate(s: Session) -> None:
     from dery.passes.calibrate import calibrate
 
     s.calibration = calibrate(s.lowered, s.partition, s.stitches, s.costs, s.target, s.store, seed=s.config.seed,
-                              settings=s.config.profiling)
+                              settings=s.config.profiling, profiler=s.profiler)
+    s.profiler.settle_floors()
+    s.costs = s.profiler.costs()
 
 
 def _proxy(s: Session) -> None:
@@ -313,7 +319,10 @@ def facts(s: Session, final: Result) -> Facts:
                  s.partition, {"predictor": s.quality.predictor, "labels": s.quality.labels,
                                "rerank": s.config.rerank},
                  members, accuracy(final.module, test_x, test_y) if labelled else None,
-                 s.quality.accuracy(final.models), any(r.estimated for r in s.costs.used(final.models)))
+                 s.quality.accuracy(final.models), any(r.estimated for r in s.costs.used(final.models)),
+                 {"search_space": len(s.profiler.items), "asked": len(s.profiler.found)},
+                 {"timings_s": {name: round(t, 3) for name, t in s.timings.items()},
+                  "pieces_measured": len(s.profiler.fresh)})
 
 
 @dataclass(frozen=True, eq=False)
@@ -386,14 +395,38 @@ class Search:
             self._proxy[models] = whole_network_score(s.config.rerank, module, s.data, labels)
         return self._proxy[models]
 
+    def settled(self, limit_ms: float, solve: Callable[[Problem], list[Solution]]
+                ) -> tuple[SearchSpace, list[Solution]]:
+        """Solve, measure the joints and triples that the solutions rest on and are not measured yet, and solve
+        again until they rest on measured ones only. Unmeasured terms take their floors, below any real figure,
+        so solutions that rest on measured terms only are those of the full table."""
+        from dery.passes.solve import chosen_models
+
+        s = self.s
+        while True:
+            space = self.space(limit_ms)
+            with stage("solve", s.timings):
+                sols = solve(space.problem)
+            need = [key for sol in sols for key in s.costs.missing(chosen_models(space, sol))]
+            if not need:
+                return space, sols
+            with stage("profile", s.timings):
+                s.profiler.ensure(need)
+                s.costs = s.profiler.costs()
+
+    def fastest(self, limit_ms: float) -> float:
+        """The smallest latency any assembly is predicted at under the other limits (measured on demand)."""
+        from dery.solver import best_solutions, fastest_problem
+
+        _, sols = self.settled(limit_ms, lambda p: best_solutions(fastest_problem(p), 1))
+        return sols[0].totals["latency_ms"] if sols else float("inf")
+
     def choose(self, limit_ms: float, exclude: list[tuple[str, ...]]):
         """The program's best few solutions under `limit_ms`, re-ranked by the proxy (None if infeasible)."""
         from dery.passes.solve import chosen_models
         from dery.solver import best_solutions
 
-        space = self.space(limit_ms)
-        with stage("solve", self.s.timings):
-            sols = best_solutions(space.problem, self.s.config.top, exclude=exclude)
+        space, sols = self.settled(limit_ms, lambda p: best_solutions(p, self.s.config.top, exclude=exclude))
         if not sols:
             return None
         with stage("proxy", self.s.timings):
@@ -418,7 +451,8 @@ class Search:
         with stage("verify", s.timings):
             timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered), s.target,
                                     s.cache, pace=s.store.pace(group_of(s.target, s.device)),
-                                    attempts=s.config.profiling.verify_attempts)
+                                    attempts=s.config.profiling.verify_attempts,
+                                    predicted_ms=solution.totals["latency_ms"], off=s.config.profiling.verify_off)
         return Result(solution, models, assembly, module, engine, timing, proxy, refinement)
 
     def refine(self, module) -> dict | None:
@@ -441,9 +475,7 @@ class Search:
 
     def infeasible_reason(self, limit_ms: float, budget_ms: float, rounds: list[dict]) -> str:
         """Why nothing fits; before any round this is a plain error (nothing is written)."""
-        from dery.solver import min_achievable
-
-        fastest = min_achievable(self.problem(limit_ms), "latency_ms")
+        fastest = self.fastest(limit_ms)
         if not rounds:
             member = min(self.s.costs.networks.values(), key=lambda r: r.median_ms)
             raise DeryError(f"budget {budget_ms:g} ms is below the fastest achievable assembly on target "
@@ -456,11 +488,10 @@ class Search:
         """Solve, build and measure a sweep of budgets from the fastest assembly to the slowest member."""
         from dery.evaluate import accuracy as acc
         from dery.evaluate import has_labels
-        from dery.solver import min_achievable
 
         s = self.s
         lat = sorted(r.median_ms for r in s.costs.networks.values())
-        lo = min(lat[0], min_achievable(self.problem(lat[-1]), "latency_ms"))
+        lo = min(lat[0], self.fastest(lat[-1]))
         out, seen = [], set()
         labelled = has_labels(s.zoo, s.data)
         for i in range(points):

@@ -38,6 +38,8 @@ class Facts:
     accuracy: float | None  # the final assembly's on the test split (None without labels)
     predicted_accuracy: float
     estimated: bool  # whether any latency the final assembly's cost rests on is estimated
+    pieces: dict[str, int]  # latency pieces of the search space and how many of them the run's answer rests on
+    run: dict[str, Any]  # what differs between two runs of one command: pass timings, pieces measured now
 
 
 def build_report(facts: Facts, final: Result, rounds: list[dict], status: str, pareto: list[dict] | None,
@@ -81,6 +83,8 @@ def build_report(facts: Facts, final: Result, rounds: list[dict], status: str, p
         "zoo": facts.members,
         "rounds": rounds,
         "pareto": pareto,
+        "latency_pieces": facts.pieces,
+        "run": facts.run,
     }
 
 

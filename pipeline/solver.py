@@ -6,6 +6,7 @@ conventions are those of `dery.problem`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -69,6 +70,15 @@ def min_achievable(problem: Problem, resource: str) -> float:
         raise DeryError(f"unknown resource {resource!r}; known: {', '.join(problem.resources)}",
                         exit_code=USAGE)
     return -_extreme(problem, resource, -1.0)
+
+
+def fastest_problem(problem: Problem, resource: str = "latency_ms") -> Problem:
+    """The problem whose best solution is the assembly with the least `resource` under the other limits."""
+    return dataclasses.replace(
+        problem, candidates=tuple(dataclasses.replace(c, score=-c.resources.get(resource, 0.0))
+                                  for c in problem.candidates),
+        transitions=tuple(dataclasses.replace(t, score=-t.resources.get(resource, 0.0)) for t in problem.transitions),
+        limits={**problem.limits, resource: None})
 
 
 def max_achievable(problem: Problem, resource: str) -> float:

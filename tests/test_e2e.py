@@ -73,8 +73,14 @@ def test_second_run_reuses_everything_and_gives_the_same_report(first, tiny, bud
     assert again.costs.measured == 0  # every latency came from the profile store
     assert again.partition == tiny.partition
     second = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path))
-    assert second == report
-    assert (tmp_path / "report.json").read_bytes() == (first[1] / "report.json").read_bytes()
+    assert second["run"]["pieces_measured"] == 0 and set(second["run"]["timings_s"]) >= {"zoo", "solve", "verify"}
+    assert without_run(second) == without_run(report)
+    assert without_run(json.loads((tmp_path / "report.json").read_bytes())) == without_run(report)
+
+
+def without_run(report: dict) -> dict:
+    """A report less its `run` section (wall-clock timings and what this run measured), which differs by run."""
+    return {k: v for k, v in report.items() if k != "run"}
 
 
 def in_context_ms(tiny, models: tuple[str, ...]) -> float:

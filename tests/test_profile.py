@@ -353,6 +353,40 @@ def test_the_program_prices_every_assembly_at_its_calibrated_in_context_sum(tiny
     assert priced > len(tiny.partition.models)
 
 
+def test_measuring_on_demand_gives_the_full_tables_answers(tiny, tmp_path) -> None:
+    """On demand, a compile asks for the blocks, the members' own pieces, the calibration's and what the
+    solutions rest on; every floor lies below every real term of the full table, the calibration is the same,
+    and at budgets across the members' range the best five solutions are the full table's."""
+    from dery.driver import Search
+    from dery.passes.calibrate import calibrate
+    from dery.solver import best_solutions
+
+    full = tiny.costs
+    lazy = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, tiny.target, tiny.store, tiny.cache,
+                                on_demand=True)
+    cal = calibrate(tiny.lowered, tiny.partition, tiny.stitches, lazy.costs(), tiny.target, tiny.store,
+                    profiler=lazy)
+    lazy.settle_floors()
+    assert cal == tiny.calibration and not lazy.fresh  # the store the full run filled answers every piece
+    first = len(lazy.found)
+    boundary_floor, context_floor = lazy.floors
+    assert boundary_floor < min(full.boundary_ms(*k) for k in full.joints)
+    assert context_floor < min(full.context_ms(*k) for k in full.triples)
+    session = dataclasses.replace(tiny, profiler=lazy, costs=lazy.costs(), calibration=cal)
+    assert session.costs.missing(tiny.partition.models[:1] * 3) == []
+    lat = sorted(r.median_ms for r in full.networks.values())
+    top5 = lambda p: best_solutions(p, 5)  # noqa: E731
+    for i in range(9):
+        budget = 0.9 * lat[0] + (1.1 * lat[-1] - 0.9 * lat[0]) * i / 8
+        _, want = Search(tiny, tmp_path).settled(budget, top5)
+        _, got = Search(session, tmp_path).settled(budget, top5)
+        assert [s.chosen for s in got] == [s.chosen for s in want], budget
+        assert all(g.totals == pytest.approx(w.totals, rel=1e-12) for g, w in zip(got, want)), budget
+    pieces_asked = len(lazy.found)
+    assert first < pieces_asked < len(profile_pass.pieces(tiny.lowered, tiny.partition, tiny.stitches, 1,
+                                                          tiny.cache))
+
+
 def test_an_assembly_adds_its_blocks_boundaries_and_context_terms(tiny) -> None:
     assert tiny.partition.k == 3 and tiny.costs.triples
     for (a, b, c, _), rec in tiny.costs.triples.items():
@@ -424,7 +458,7 @@ def test_context_terms_combine_records_of_groups_measured_at_different_speeds(ti
     items, base, groups = scripted_machine(tiny, monkeypatch, lambda g: speeds[g % 4], lambda g, p: 1.0, seen=1.0)
     store = ProfileStore(Cache(tmp_path), "cpu")
     costs = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"), store, tiny.cache,
-                                 method=QUICK, settings=settings)
+                                 method=QUICK, settings=settings).costs()
     chunks = -(-len(items) // settings.chunk)
     assert chunks > 2 and groups == [1.0] * chunks
     sizes = [min(settings.chunk, len(items) - g * settings.chunk) for g in range(chunks)]
@@ -440,7 +474,8 @@ def test_context_terms_combine_records_of_groups_measured_at_different_speeds(ti
         wrong += abs(triple + middle - first - second - truth) > 0.05
     assert wrong > len(costs.triples) / 2
     again = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"),
-                                 ProfileStore(Cache(tmp_path), "cpu"), tiny.cache, method=QUICK, settings=settings)
+                                 ProfileStore(Cache(tmp_path), "cpu"), tiny.cache, method=QUICK,
+                                 settings=settings).costs()
     assert again.measured == 0 and again.triples == costs.triples
 
 
@@ -468,7 +503,7 @@ def test_a_piece_caught_alone_in_a_slow_spell_is_measured_again(tiny, tmp_path, 
         items, base, _ = scripted_machine(tiny, monkeypatch, lambda g: 1.0, odd)
         costs = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"),
                                      ProfileStore(Cache(tmp_path / str(retries)), "cpu"), tiny.cache, method=QUICK,
-                                     settings=Profiling(context_retries=retries))
+                                     settings=Profiling(context_retries=retries)).costs()
         resting = [k for k in items if k[0] == "triple" and joint in profile_pass.parts(k)]
         assert resting and caught
         for key in resting:

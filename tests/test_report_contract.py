@@ -32,6 +32,7 @@ REPORT = {
     "data": {"name": str, "resolution": int, "splits": dict, "labelled": bool},
     "partition": {"k": int, "balance": str, "objective": NUM, "boundaries": dict},
     "zoo": [MEMBER], "rounds": [ROUND], "pareto": (list, NULL),
+    "latency_pieces": {"search_space": int, "asked": int}, "run": {"timings_s": dict, "pieces_measured": int},
 }
 
 
