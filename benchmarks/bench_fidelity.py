@@ -48,7 +48,7 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     from dery.profile_store import group_of
 
     t0 = time.perf_counter()
-    s = front(CompileConfig(target="cpu", latency_ms=1.0, zoo=zoo, k=k, out=out, probe=128))
+    s = front(CompileConfig(target="cpu", latency_ms=1.0, zoo=zoo, k=k, out=out, probe=128, measure="all"))
     setup_s = time.perf_counter() - t0
     seen = {p.assembly for p in s.store.calibration_points(group_of(s.target, s.device))}
     pool = random_assemblies(s.partition, s.stitches, count + 40, seed=12345)

@@ -52,7 +52,7 @@ def machine() -> dict:
 
 def session(out: Path) -> Session:
     """The front half of dery-compile on the default zoo (cached under DERY_CACHE_DIR)."""
-    return front(CompileConfig(target="cpu", latency_ms=1.0, zoo="default", k=4, out=out))
+    return front(CompileConfig(target="cpu", latency_ms=1.0, zoo="default", k=4, out=out, measure="all"))
 
 
 def switches(models: tuple[str, ...]) -> int:
