@@ -415,6 +415,19 @@ def synthetic_problem(seed: int, models: int, cuts: tuple[int, int], k: int, sla
     return PartitionProblem(sim, tuple(groups), tuple(cum), k, (1.0 + slack) / k, names)
 
 
+def balanced_cuts(lowered: Lowered, k: int, balance: str = defaults.BALANCE) -> tuple[str, ...]:
+    """The K-1 boundary cuts that split one network into K blocks with the smallest largest share of its cost
+    in `balance` ("params" or "flops"); a K the cuts cannot give is a one-line error."""
+    cuts = [c.name for c in lowered.boundary_cuts()]
+    if not 1 <= k <= len(cuts) + 1:
+        raise DeryError(f"{lowered.name} has {len(cuts)} boundary cut points, so K must be between 1 and "
+                        f"{len(cuts) + 1}; got K={k}", exit_code=USAGE)
+    which = {"params": 0, "flops": 1}[balance]
+    bounds = [None, *cuts, None]
+    upto = np.cumsum([float(lowered.cost(a, b)[which]) for a, b in zip(bounds, bounds[1:])])
+    return tuple(cuts[c] for c in _min_max(upto[:-1] / upto[-1], k)[1])
+
+
 def partition(zoo: Sequence[Lowered], sim: Similarity, k: int, *, balance: str = defaults.BALANCE,
               slack: float = defaults.SLACK,
               segment_cost: Callable[[Lowered, str | None, str | None], float] | None = None,

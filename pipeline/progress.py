@@ -14,7 +14,17 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def task(description: str, total: int) -> Iterator[Callable[..., None]]:
-    """A progress bar; yields `advance(n=1, note=None)`."""
+    """A progress bar; yields `advance(n=1, note=None)`. With DERY_PROGRESS=lines (worker processes, whose
+    bars would overwrite each other) every step is one line instead."""
+    if os.environ.get("DERY_PROGRESS") == "lines":
+        done = [0]
+
+        def line(n: int = 1, note: str | None = None) -> None:
+            done[0] += n
+            say(f"{description}: {done[0]}/{total}" + (f" {note}" if note else ""))
+
+        yield line
+        return
     if not enabled():
         yield lambda n=1, note=None: None
         return

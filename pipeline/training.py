@@ -49,12 +49,15 @@ def trainable_only(module: nn.Module, params: Sequence[nn.Parameter]) -> Iterato
 
 def fit(module: nn.Module, params: Sequence[nn.Parameter], images: torch.Tensor, labels: torch.Tensor, *,
         epochs: int, lr: float, weight_decay: float, batch: int, seed: int, schedule: str, train_mode: bool,
-        label: str) -> dict[str, float]:
+        label: str, shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """Train `params` of `module` on float images and labels; returns the steps and the last epoch's mean loss.
 
     `schedule`: "one-cycle" (warm-up then anneal, for training from scratch) or
     "cosine" (anneal from `lr`, for refining a fitted start). `train_mode`: run
     the module in train mode (BatchNorm statistics move) or keep it in eval mode.
+    `shard` = (rank, ranks): this process takes every ranks-th sample of each batch,
+    for data-parallel training (a DistributedDataParallel `module` averages the
+    gradients); every rank draws the same order and shifts.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -74,7 +77,7 @@ def fit(module: nn.Module, params: Sequence[nn.Parameter], images: torch.Tensor,
                 order = torch.randperm(n, generator=gen)
                 total = 0.0
                 for i in range(0, n, batch):
-                    idx = order[i:i + batch]
+                    idx = order[i:i + batch][shard[0]::shard[1]]
                     loss = F.cross_entropy(module(random_shift(images[idx], gen)), labels[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
