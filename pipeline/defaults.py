@@ -33,8 +33,17 @@ CONV_ALPHA, CONV_BETA = 0.3, 0.2
 LINEAR_ALPHA, LINEAR_BETA = 0.4, 0.3
 LEGO_SAMPLES = 32
 
-# Deep Incubation: the weight of the output anchor (0: the paper's plain incubation; see pipeline/incubate.py).
+# Deep Incubation: the weight of the output anchor (0: the paper's plain incubation; see pipeline/incubate.py),
+# epochs of each stage and the learning rate (the CNN rows of benchmarks/results/incubation.md), and the meta
+# model: a tiny trained one (the paper's, for `dery incubate`), or the network itself frozen around each module,
+# which repairs a reassembled network's pretrained modules far better (mean 0.735 against 0.396 in
+# benchmarks/results/incubation.md; end-to-end fine-tuning at the same epochs gives 0.877 there).
 INCUBATE_ANCHOR = 10.0
+INCUBATE_EPOCHS_META, INCUBATE_EPOCHS_MODULE, INCUBATE_EPOCHS_FINETUNE = 30, 15, 5
+INCUBATE_LR = 1e-2
+INCUBATE_META = "tiny"
+REPAIR_META = "self"
+INCUBATE_METAS = ("tiny", "self")
 
 
 @dataclass(frozen=True)

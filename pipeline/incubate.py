@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,17 +204,27 @@ class Hybrid(nn.Module):
         return x
 
 
-def module_shapes(modules: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Per-sample shapes between modules (K + 1 of them), found with one eval-mode batch of two."""
-    shapes, x = [tuple(input_shape)], torch.zeros(2, *input_shape)
+def _outputs(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each module's output on `x` passed through the modules before it, in eval mode (modes restored)."""
+    out = []
     with torch.no_grad():
         for m in modules:
             was = m.training
             m.eval()
             x = m(x)
             m.train(was)
-            shapes.append(tuple(x.shape[1:]))
-    return shapes
+            out.append(x)
+    return out
+
+
+def module_shapes(modules: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per-sample shapes between modules (K + 1 of them), found with one eval-mode batch of two."""
+    return [tuple(input_shape), *(tuple(y.shape[1:]) for y in _outputs(modules, torch.zeros(2, *input_shape)))]
+
+
+def nonnegative_outputs(modules: Sequence[nn.Module], images: torch.Tensor) -> list[bool]:
+    """Whether each module's output is never negative on `images` (it ends in a ReLU, as a ResNet stage does)."""
+    return [bool((y >= 0).all()) for y in _outputs(modules, images)]
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -239,10 +249,22 @@ def _load(path: Path, what: str) -> dict[str, Any]:
     return ckpt
 
 
+def _restore(module: nn.Module, path: Path, what: str) -> None:
+    """Load `what`'s checkpoint into `module`; one that does not fit it is named."""
+    try:
+        module.load_state_dict(_load(path, what)["state"])
+    except RuntimeError as e:
+        raise DeryError(f"{what} checkpoint {path} does not fit this job's {what} ({str(e).splitlines()[0]}); "
+                        f"delete it to retrain", exit_code=USAGE) from e
+
+
 def _train(model: nn.Module, params: list[nn.Parameter], data: Dataset, epochs: int, lr: float, seed: int,
-           schedule: str, label: str) -> None:
-    fit(model, params, data.images("train"), data.split("train").labels, epochs=epochs, lr=lr, weight_decay=0.05,
-        batch=64, seed=seed, schedule=schedule, train_mode=True, label=label)
+           schedule: str, label: str, device: torch.device | None = None, shard: tuple[int, int] = (0, 1)) -> None:
+    images, labels = data.images("train"), data.split("train").labels
+    if device is not None:
+        images, labels = images.to(device), labels.to(device)
+    fit(model, params, images, labels, epochs=epochs, lr=lr, weight_decay=0.05, batch=64, seed=seed,
+        schedule=schedule, train_mode=True, label=label, shard=shard)
 
 
 def _meta_io(meta: Hybrid, i: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,16 +292,22 @@ def drift(module: nn.Module, meta: Hybrid, i: int, images: torch.Tensor) -> floa
 
 
 def meta_model(shapes: Sequence[tuple[int, ...]], data: Dataset, *, epochs: int, lr: float, seed: int,
-               path: Path | None = None) -> tuple[Hybrid, bool]:
+               path: Path | None = None, nonnegative: Sequence[bool] | None = None) -> tuple[Hybrid, bool]:
     """Stage 1: the meta model for modules between `shapes` (K + 1 of them), trained end to end (eval mode).
 
-    With `path`, a finished meta model there is loaded instead, and a newly trained one is saved there.
-    Returns the model and whether it was trained now.
+    `nonnegative[i]`: module i's output is never negative, so meta layer i ends in a ReLU too (a stream the
+    module cannot produce would leave the next module trained on inputs it never gets in the assembly:
+    benchmarks/results/incubation.md: resnet_wide assembles to 0.109 without, 0.837 with). With `path`, a finished meta
+    model there is loaded instead, and a newly trained one is saved there. Returns the model and whether it
+    was trained now.
     """
     torch.manual_seed(seed)
-    meta = Hybrid([meta_layer(shapes[i], shapes[i + 1], i) for i in range(len(shapes) - 1)], None)
+    layers = [meta_layer(shapes[i], shapes[i + 1], i) for i in range(len(shapes) - 1)]
+    if nonnegative is not None:
+        layers = [nn.Sequential(layer, nn.ReLU()) if relu else layer for layer, relu in zip(layers, nonnegative)]
+    meta = Hybrid(layers, None)
     if path is not None and path.exists():
-        meta.load_state_dict(_load(path, "meta model")["state"])
+        _restore(meta, path, "meta model")
         return meta.eval(), False
     _train(meta, list(meta.parameters()), data, epochs, lr, seed, "one-cycle", "incubate: meta")
     if path is not None:
@@ -288,29 +316,57 @@ def meta_model(shapes: Sequence[tuple[int, ...]], data: Dataset, *, epochs: int,
 
 
 def incubate_module(module: nn.Module, i: int, meta: Hybrid, data: Dataset, *, epochs: int, lr: float, seed: int,
-                    anchor: float = defaults.INCUBATE_ANCHOR) -> Hybrid:
+                    anchor: float = defaults.INCUBATE_ANCHOR, device: torch.device | None = None,
+                    wrap: Callable[[nn.Module], nn.Module] | None = None, shard: tuple[int, int] = (0, 1)) -> Hybrid:
     """Stage 2 for one module: train `module` in place of meta layer i, everything else frozen; returns the hybrid.
 
-    Independent of every other module: the K calls can run in any order or in parallel.
+    Independent of every other module and of what ran before (the seed covers every random draw), so the K
+    calls give the same modules in any order, process or machine. `device`: where module and meta model
+    are and training runs. `wrap` and `shard`: data-parallel training of this one module across processes
+    (DistributedDataParallel over a process group, and this process's share of each batch; dery.parallel).
     """
+    torch.manual_seed(seed)
     meta.eval()
     pull = None
     if anchor > 0 and i < len(meta.parts) - 1:
-        pull = (meta.parts[i], _scale(_meta_io(meta, i, data.images("train", 1024))[1]), anchor)
+        _, ref = _meta_io(meta, i, data.images("train", 1024).to(device or "cpu"))
+        pull = (meta.parts[i], _scale(ref), anchor)
     hybrid = Hybrid([*meta.parts[:i], module, *meta.parts[i + 1:]], i, pull)
-    _train(hybrid, list(module.parameters()), data, epochs, lr, seed, "one-cycle", f"incubate: module {i}")
+    params = list(module.parameters())
+    for p in hybrid.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    _train(hybrid if wrap is None else wrap(hybrid), params, data, epochs, lr, seed, "one-cycle",
+           f"incubate: module {i}", device, shard)
     return hybrid.eval()
+
+
+def train_modules(modules: Sequence[nn.Module], meta: Hybrid, data: Dataset, run_dir: Path, todo: Sequence[int], *,
+                  epochs: int, lr: float, seed: int, anchor: float = defaults.INCUBATE_ANCHOR) -> None:
+    """Stage 2 in this process: incubate modules `todo` one after another, each saved when it is done."""
+    for i in todo:
+        incubate_module(modules[i], i, meta, data, epochs=epochs, lr=lr, seed=seed + 1 + i, anchor=anchor)
+        save_module(run_dir, i, modules[i])
+
+
+def save_module(run_dir: Path, i: int, module: nn.Module) -> None:
+    """Write incubated module i's checkpoint (atomically: a run cut short leaves none)."""
+    _save(Path(run_dir) / f"module_{i}.pt",
+          {"format": FORMAT, "index": i, "state": {k: v.cpu() for k, v in module.state_dict().items()}})
 
 
 def incubate_modules(modules: Sequence[nn.Module], data: Dataset, run_dir: Path, *, epochs_meta: int,
                      epochs_module: int, epochs_finetune: int, lr: float = 3e-3, seed: int = 0,
-                     meta: nn.Module | None = None, anchor: float = defaults.INCUBATE_ANCHOR
-                     ) -> tuple[nn.Module, dict[str, Any]]:
+                     meta: nn.Module | None = None, anchor: float = defaults.INCUBATE_ANCHOR,
+                     stage2: Callable[[list[int]], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Run the three stages over `modules` (changed in place); returns the fine-tuned assembly and a report.
 
     `meta`: a ready meta model (K parts) to incubate in, instead of training one (stage 1). `anchor`: the
     weight of the output anchor (module docstring); 0 trains the hybrids on their task loss alone. Module i
-    trains with seed `seed + 1 + i`. The report's `drift` is `drift()` of each module but the last.
+    trains with seed `seed + 1 + i`. `stage2(todo)`: trains the modules without a checkpoint in `run_dir`
+    elsewhere (dery.parallel runs them on torchrun) instead of one after another here; every module is
+    then loaded from its checkpoint. The report's `drift` is `drift()` of each module but the last.
     """
     from .passes.assemble import Assembled
 
@@ -322,23 +378,25 @@ def incubate_modules(modules: Sequence[nn.Module], data: Dataset, run_dir: Path,
                               "wall_s": {}}
     t = time.perf_counter()
     if meta is None:
-        meta, trained = meta_model(shapes, data, epochs=epochs_meta, lr=lr, seed=seed, path=run_dir / "meta.pt")
+        meta, trained = meta_model(shapes, data, epochs=epochs_meta, lr=lr, seed=seed, path=run_dir / "meta.pt",
+                                   nonnegative=nonnegative_outputs(modules, data.images("train", 256)))
         if trained:
             report["trained"].append("meta")
     meta.eval()
     report["meta_accuracy"] = accuracy(meta, tx, ty)
     report["wall_s"]["meta"] = time.perf_counter() - t
     t = time.perf_counter()
+    todo = [i for i in range(k) if not (run_dir / f"module_{i}.pt").exists()]
+    if todo:
+        if stage2 is None:
+            train_modules(modules, meta, data, run_dir, todo, epochs=epochs_module, lr=lr, seed=seed, anchor=anchor)
+        else:
+            stage2(todo)
+        report["trained"].extend(f"module {i}" for i in todo)
     hybrids, drifts = [], []
     for i, m in enumerate(modules):
-        path = run_dir / f"module_{i}.pt"
-        if path.exists():
-            m.load_state_dict(_load(path, f"module {i}")["state"])
-            hybrid = Hybrid([*meta.parts[:i], m, *meta.parts[i + 1:]], i)
-        else:
-            hybrid = incubate_module(m, i, meta, data, epochs=epochs_module, lr=lr, seed=seed + 1 + i, anchor=anchor)
-            _save(path, {"format": FORMAT, "index": i, "state": m.state_dict()})
-            report["trained"].append(f"module {i}")
+        _restore(m, run_dir / f"module_{i}.pt", f"module {i}")
+        hybrid = Hybrid([*meta.parts[:i], m, *meta.parts[i + 1:]], i)
         hybrids.append(accuracy(hybrid, tx, ty))
         if i < k - 1:
             drifts.append(drift(m, meta, i, tx))
@@ -354,3 +412,40 @@ def incubate_modules(modules: Sequence[nn.Module], data: Dataset, run_dir: Path,
     report["finetuned_accuracy"] = accuracy(assembled, tx, ty)
     report["wall_s"]["finetune"] = time.perf_counter() - t
     return assembled, report
+
+
+def frozen_meta(modules: Sequence[nn.Module]) -> Hybrid:
+    """The "self" meta model: copies of the modules as they are now, frozen, so each module is incubated
+    inside the rest of its own network."""
+    return Hybrid([copy.deepcopy(m) for m in modules], None).eval()
+
+
+def assembly_modules(assembled: nn.Module) -> list[nn.Module]:
+    """An assembly's K modules (dery.passes.assemble's `Assembled`): each block with the stitch before it."""
+    out, stitch = [], []
+    for part, label in zip(assembled.parts, assembled.labels):
+        if label.startswith("stitch "):
+            stitch.append(part)
+        else:
+            out.append(nn.Sequential(*stitch, part) if stitch else part)
+            stitch = []
+    return out
+
+
+def repair(modules: Sequence[nn.Module], data: Dataset, run_dir: Path, *, meta: str = defaults.REPAIR_META,
+           epochs_meta: int = defaults.INCUBATE_EPOCHS_META, epochs_module: int = defaults.INCUBATE_EPOCHS_MODULE,
+           epochs_finetune: int = defaults.INCUBATE_EPOCHS_FINETUNE, lr: float = defaults.INCUBATE_LR,
+           seed: int = 0, anchor: float = defaults.INCUBATE_ANCHOR,
+           stage2: Callable[[list[int]], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Incubate pretrained modules (a reassembled network's, from `assembly_modules`) to make them fit each
+    other: in a tiny trained meta model ("tiny") or in the network itself, frozen around each module ("self";
+    benchmarks/results/incubation.md measures which serves better). Returns the fine-tuned network and the
+    incubation report, with the accuracy as it was before under "before_accuracy"."""
+    if meta not in defaults.INCUBATE_METAS:
+        raise DeryError(f"unknown meta model {meta!r}; valid: {', '.join(defaults.INCUBATE_METAS)}", exit_code=USAGE)
+    before = accuracy(Hybrid(list(modules), None), data.images("test"), data.split("test").labels)
+    given = frozen_meta(modules) if meta == "self" else None
+    net, report = incubate_modules(modules, data, run_dir, epochs_meta=epochs_meta, epochs_module=epochs_module,
+                                   epochs_finetune=epochs_finetune, lr=lr, seed=seed, meta=given, anchor=anchor,
+                                   stage2=stage2)
+    return net, {**report, "meta": meta, "before_accuracy": before}
