@@ -242,6 +242,12 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_incubate(args: argparse.Namespace) -> int:
+    from .incubate_cmd import cmd_incubate as run
+
+    return run(args)
+
+
 def cmd_assemble(args: argparse.Namespace) -> int:
     from .passes.lego import cmd_assemble as run
 
@@ -334,6 +340,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="assembled checkpoint to write (.pt)")
     _common(p)
     p.set_defaults(handler=cmd_assemble)
+    p = sub.add_parser("incubate", help="train a network as K modules in a shared meta model (Deep Model "
+                                        "Assembling), module-parallel on torchrun")
+    p.add_argument("model", help="one network: a default-zoo name (e.g. resnet_wide), a dery checkpoint, "
+                                 "NAME=CHECKPOINT, NAME:random or a timm name")
+    p.add_argument("--k", type=positive_int, default=defaults.K,
+                   help=f"modules, cut at the network's balanced boundary cuts (default {defaults.K})")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="dery checkpoint to write (.pt; --zoo accepts it); the report goes to the same name .json")
+    p.add_argument("--data", type=Path, help="ImageFolder directory (default: the embedded digits)")
+    for stage, value in (("meta", defaults.INCUBATE_EPOCHS_META), ("module", defaults.INCUBATE_EPOCHS_MODULE),
+                         ("finetune", defaults.INCUBATE_EPOCHS_FINETUNE)):
+        p.add_argument(f"--epochs-{stage}", dest=f"epochs_{stage}", type=non_negative_int, default=value,
+                       help=f"epochs of the {stage} stage (default {value})")
+    p.add_argument("--lr", type=_argument(float, lambda v: 0 < v < 1, "a learning rate in (0, 1)"),
+                   default=defaults.INCUBATE_LR, help=f"learning rate (default {defaults.INCUBATE_LR})")
+    p.add_argument("--anchor", type=non_negative, default=defaults.INCUBATE_ANCHOR,
+                   help=f"output anchor weight; 0 is the paper's plain incubation (default {defaults.INCUBATE_ANCHOR})")
+    p.add_argument("--meta", choices=defaults.INCUBATE_METAS, default=defaults.INCUBATE_META,
+                   help=f"meta model: a tiny trained one, or the network itself frozen (default "
+                        f"{defaults.INCUBATE_META})")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="processes for stage 2 under torchrun (gloo on CPU, NCCL on GPUs; default 1: in process)")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads per process (default: cores / nproc)")
+    p.add_argument("--run-dir", type=Path, help="where the meta model and module checkpoints are kept "
+                                                "(default: under the cache, keyed by the job)")
+    p.add_argument("--seed", type=int, default=defaults.SEED, help=f"seed (default {defaults.SEED})")
+    p.add_argument("--json", action="store_true", help="also print the report")
+    _common(p)
+    p.set_defaults(handler=cmd_incubate)
     p = sub.add_parser("train-zoo", help="train the default zoo afresh and write the weights dery ships")
     p.add_argument("-o", "--output", type=Path, default=defaults.SHIPPED_WEIGHTS,
                    help="directory of the shipped weights (default: the package's own, %(default)s)")
