@@ -101,21 +101,24 @@ class Quality:
 
 
 def switch_accuracies(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, data: Dataset,
-                      cache: Cache) -> tuple[dict[tuple[str, str, int], float], dict[str, float], str]:
-    """Val accuracy of every zoo member and of every single-switch (two-piece) assembly (cached)."""
+                      cache: Cache, switches_too: bool = True
+                      ) -> tuple[dict[tuple[str, str, int], float], dict[str, float], str]:
+    """Val accuracy of every zoo member and, with `switches_too`, of every single-switch (two-piece) assembly
+    (cached): a forward pass over the val split per stitch, which only the pairwise predictors read."""
     labels, kind = reference_labels([lw.network for lw in zoo], data, "val")
     images = data.images("val")
     k = partition.k
     key = content_key("switch-acc", [(lw.name, lw.network.weights_key) for lw in zoo], partition.boundaries,
-                      [(s.source, s.target, s.boundary, s.weights) for s in stitches.items], data.fingerprint, kind)
+                      [(s.source, s.target, s.boundary, s.weights) for s in stitches.items], data.fingerprint, kind,
+                      *(() if switches_too else ("members only",)))
 
     def make() -> dict:
         members = {}
         for lw in zoo:
             members[lw.name] = accuracy(lw.network.module, images, labels)
         switches = {}
-        with progress.task("scoring stitches", len(stitches.items)) as advance:
-            for s in stitches.items:
+        with progress.task("scoring stitches", len(stitches.items) if switches_too else 0) as advance:
+            for s in stitches.items if switches_too else ():
                 models = (s.source,) * (s.boundary + 1) + (s.target,) * (k - s.boundary - 1)
                 _, module = assemble(zoo, partition, stitches, models)
                 switches[f"{s.source}|{s.target}|{s.boundary}"] = accuracy(module, images, labels)
@@ -137,7 +140,8 @@ def quality(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, da
         raise DeryError(f"unknown quality predictor {predictor!r}; known: {', '.join(PREDICTORS)}", exit_code=USAGE)
     n = len(data.split("val"))
     k = partition.k
-    switches, members, kind = switch_accuracies(zoo, partition, stitches, data, cache)
+    switches, members, kind = switch_accuracies(zoo, partition, stitches, data, cache,
+                                                switches_too=predictor in ("pairwise", "pairwise-log"))
     link = "log" if predictor == "pairwise-log" else "logit"
     g = log_accuracy if link == "log" else logit
     lm = {m: g(members[m], n) for m in partition.models}

@@ -53,6 +53,22 @@ def test_member_accuracy_predictor_ignores_stitches(tiny) -> None:
     assert q.score((a, a, b)) == pytest.approx(q.unary[a, 0] + q.unary[a, 1] + q.unary[b, 2])
 
 
+def test_predictors_without_pairwise_terms_build_no_switch_assembly(tiny, monkeypatch) -> None:
+    """stitch-r2 and member-acc read member accuracies only: no forward pass per stitch, the same members'
+    accuracies as the pairwise predictor's, and the same stitch-r2 terms."""
+    import dery.passes.proxy as proxy
+
+    full = quality(tiny.lowered, tiny.partition, tiny.stitches, tiny.data, tiny.cache, "pairwise")
+    built = []
+    monkeypatch.setattr(proxy, "assemble", lambda *a, **kw: built.append(a) or assemble(*a, **kw))
+    for predictor in ("stitch-r2", "member-acc"):
+        q = quality(tiny.lowered, tiny.partition, tiny.stitches, tiny.data, tiny.cache, predictor)
+        assert q.member_val == full.member_val
+    assert built == []
+    r2 = {(st.source, st.target, st.boundary): math.log(max(st.r2, 1e-3)) for st in tiny.stitches.items}
+    assert quality(tiny.lowered, tiny.partition, tiny.stitches, tiny.data, tiny.cache, "stitch-r2").pairwise == r2
+
+
 def slow_naswot(codes: list[torch.Tensor]) -> float:
     c = torch.cat(codes, 1).double()
     n = c.shape[0]
