@@ -24,10 +24,10 @@ from pathlib import Path
 
 import _common as common
 
-ARCHS = ("resnet10t", "mobilenetv3_small_050", "lcnet_050", "regnetx_002", "mnasnet_small", "efficientnet_lite0",
-         "resnet14t", "mobilenetv3_small_100", "lcnet_075", "regnety_002", "mnasnet_050", "mobilenetv2_050",
-         "resnet18", "mobilenetv3_small_075", "lcnet_100", "tinynet_e", "semnasnet_050", "mobilenetv2_100",
-         "resnet18d", "mobilenetv3_large_075", "tinynet_d", "spnasnet_100", "efficientnet_b0", "convnext_atto")
+ARCHS = ("mobilenetv2_035", "mobilenetv3_small_050", "lcnet_050", "regnetx_002", "mnasnet_small", "efficientnet_lite0",
+         "regnetx_004", "mobilenetv3_small_100", "lcnet_075", "regnety_002", "mnasnet_050", "mobilenetv2_050",
+         "resnet18", "mobilenetv3_small_075", "lcnet_100", "mnasnet_100", "semnasnet_050", "mobilenetv2_100",
+         "resnet18d", "mobilenetv3_large_075", "regnety_004", "spnasnet_100", "efficientnet_b0", "convnext_atto")
 
 
 def trimmed(keep: int, probe_cut: int):
