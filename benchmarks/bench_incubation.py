@@ -41,10 +41,8 @@ from dery.incubate import (
     assembly_modules,
     incubate_module,
     incubate_modules,
-    meta_model,
-    module_shapes,
-    nonnegative_outputs,
     repair,
+    tiny_meta,
 )
 from dery.training import fit
 
@@ -90,19 +88,13 @@ def bn_reestimated(mods: list[nn.Module], images: torch.Tensor, tx: torch.Tensor
     return accuracy(net, tx, ty)
 
 
-def relu(build, data) -> list[bool]:
-    """Which meta layers end in a ReLU for these modules (as `incubate_modules` decides it)."""
-    return nonnegative_outputs(build(0), data.images("train", 256))
-
-
 def incubate(build, data, em: int, ek: int, ef: int, lr: float, anchor: float, tx, ty) -> dict:
     mods, d = build(0), Path(tempfile.mkdtemp())
     t = time.perf_counter()
     _, rep = incubate_modules(mods, data, d, epochs_meta=em, epochs_module=ek, epochs_finetune=ef, lr=lr,
                               anchor=anchor)
     rep["total_wall_s"] = time.perf_counter() - t
-    shapes = module_shapes(mods, (3, data.resolution, data.resolution))
-    meta, _ = meta_model(shapes, data, epochs=em, lr=lr, seed=0, path=d / "meta.pt", nonnegative=relu(build, data))
+    meta, _ = tiny_meta(build(0), data, epochs=em, lr=lr, seed=0, path=d / "meta.pt")  # the one the run trained
     rep["swaps"] = swaps(mods, meta, tx, ty)
     rep["bn_reestimated_accuracy"] = bn_reestimated(mods, data.images("train"), tx, ty)
     rep["modules"] = mods
@@ -119,9 +111,9 @@ def measure(name: str, recipe: dict, data, control: bool = True, end_to_end: boo
     mods = out["incubation"].pop("modules")
     if control:
         t = time.perf_counter()
-        shapes, own = module_shapes(mods, (3, data.resolution, data.resolution)), []
+        own = []
         for i in range(len(mods)):
-            meta, _ = meta_model(shapes, data, epochs=em, lr=lr, seed=100 + i, nonnegative=relu(build, data))
+            meta, _ = tiny_meta(build(0), data, epochs=em, lr=lr, seed=100 + i)
             c = build(0)[i]
             incubate_module(c, i, meta, data, epochs=ek, lr=lr, seed=1 + i)
             own.append(c)

@@ -315,6 +315,15 @@ def meta_model(shapes: Sequence[tuple[int, ...]], data: Dataset, *, epochs: int,
     return meta.eval(), True
 
 
+def tiny_meta(modules: Sequence[nn.Module], data: Dataset, *, epochs: int, lr: float, seed: int,
+              path: Path | None = None) -> tuple[Hybrid, bool]:
+    """`meta_model` for these modules (as they are now): their shapes, and a ReLU after each meta layer whose
+    module's output is never negative on training images."""
+    shapes = module_shapes(modules, (3, data.resolution, data.resolution))
+    return meta_model(shapes, data, epochs=epochs, lr=lr, seed=seed, path=path,
+                      nonnegative=nonnegative_outputs(modules, data.images("train", 256)))
+
+
 def incubate_module(module: nn.Module, i: int, meta: Hybrid, data: Dataset, *, epochs: int, lr: float, seed: int,
                     anchor: float = defaults.INCUBATE_ANCHOR, device: torch.device | None = None,
                     wrap: Callable[[nn.Module], nn.Module] | None = None, shard: tuple[int, int] = (0, 1)) -> Hybrid:
@@ -359,12 +368,13 @@ def save_module(run_dir: Path, i: int, module: nn.Module) -> None:
 def incubate_modules(modules: Sequence[nn.Module], data: Dataset, run_dir: Path, *, epochs_meta: int,
                      epochs_module: int, epochs_finetune: int, lr: float = 3e-3, seed: int = 0,
                      meta: nn.Module | None = None, anchor: float = defaults.INCUBATE_ANCHOR,
-                     stage2: Callable[[list[int]], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                     stage2: Callable[[list[int], Hybrid], None] | None = None
+                     ) -> tuple[nn.Module, dict[str, Any]]:
     """Run the three stages over `modules` (changed in place); returns the fine-tuned assembly and a report.
 
     `meta`: a ready meta model (K parts) to incubate in, instead of training one (stage 1). `anchor`: the
     weight of the output anchor (module docstring); 0 trains the hybrids on their task loss alone. Module i
-    trains with seed `seed + 1 + i`. `stage2(todo)`: trains the modules without a checkpoint in `run_dir`
+    trains with seed `seed + 1 + i`. `stage2(todo, meta)`: trains the modules without a checkpoint in `run_dir`
     elsewhere (dery.parallel runs them on torchrun) instead of one after another here; every module is
     then loaded from its checkpoint. The report's `drift` is `drift()` of each module but the last.
     """
@@ -378,8 +388,7 @@ def incubate_modules(modules: Sequence[nn.Module], data: Dataset, run_dir: Path,
                               "wall_s": {}}
     t = time.perf_counter()
     if meta is None:
-        meta, trained = meta_model(shapes, data, epochs=epochs_meta, lr=lr, seed=seed, path=run_dir / "meta.pt",
-                                   nonnegative=nonnegative_outputs(modules, data.images("train", 256)))
+        meta, trained = tiny_meta(modules, data, epochs=epochs_meta, lr=lr, seed=seed, path=run_dir / "meta.pt")
         if trained:
             report["trained"].append("meta")
     meta.eval()
@@ -391,7 +400,7 @@ def incubate_modules(modules: Sequence[nn.Module], data: Dataset, run_dir: Path,
         if stage2 is None:
             train_modules(modules, meta, data, run_dir, todo, epochs=epochs_module, lr=lr, seed=seed, anchor=anchor)
         else:
-            stage2(todo)
+            stage2(todo, meta)
         report["trained"].extend(f"module {i}" for i in todo)
     hybrids, drifts = [], []
     for i, m in enumerate(modules):
@@ -436,7 +445,7 @@ def repair(modules: Sequence[nn.Module], data: Dataset, run_dir: Path, *, meta: 
            epochs_meta: int = defaults.INCUBATE_EPOCHS_META, epochs_module: int = defaults.INCUBATE_EPOCHS_MODULE,
            epochs_finetune: int = defaults.INCUBATE_EPOCHS_FINETUNE, lr: float = defaults.INCUBATE_LR,
            seed: int = 0, anchor: float = defaults.INCUBATE_ANCHOR,
-           stage2: Callable[[list[int]], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+           stage2: Callable[[list[int], Hybrid], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Incubate pretrained modules (a reassembled network's, from `assembly_modules`) to make them fit each
     other: in a tiny trained meta model ("tiny") or in the network itself, frozen around each module ("self";
     benchmarks/results/incubation.md measures which serves better). Returns the fine-tuned network and the

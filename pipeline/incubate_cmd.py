@@ -21,7 +21,7 @@ from . import progress
 from .cache import Cache, atomic_write, atomic_write_json, ensure_dir
 from .data import Dataset, load_data
 from .errors import USAGE, DeryError
-from .incubate import Hybrid, frozen_meta, incubate_modules, meta_model, module_shapes, nonnegative_outputs
+from .incubate import Hybrid, frozen_meta, incubate_modules, tiny_meta
 from .parallel import JOB, Job, check_nproc, launch, read_job, write_job
 from .zoo import MemberSpec, Network
 
@@ -63,11 +63,8 @@ def meta_for(job: Job, target: Target, run_dir: Path) -> Hybrid:
     meta "self", the network's own modules as they start, frozen."""
     if job.meta == "self":
         return frozen_meta(target.modules)
-    shapes = module_shapes(target.modules, (3, target.data.resolution, target.data.resolution))
-    meta, _ = meta_model(shapes, target.data, epochs=job.epochs_meta, lr=job.lr, seed=job.seed,
-                         path=Path(run_dir) / "meta.pt",
-                         nonnegative=nonnegative_outputs(target.modules, target.data.images("train", 256)))
-    return meta
+    return tiny_meta(target.modules, target.data, epochs=job.epochs_meta, lr=job.lr, seed=job.seed,
+                     path=Path(run_dir) / "meta.pt")[0]
 
 
 def _run_dir(job: Job, given: Path | None) -> Path:
@@ -90,12 +87,8 @@ def incubate_target(job: Job, *, nproc: int = 1, run_dir: Path | None = None) ->
     run_dir = _run_dir(job, run_dir)
     progress.say(f"incubate: {target.spec.name} cut into {job.k} modules after {', '.join(target.cuts) or '-'}; "
                  f"run directory {run_dir}")
-    t = time.perf_counter()
-    fresh_meta = job.meta == "tiny" and not (run_dir / "meta.pt").exists()
-    meta = meta_for(job, target, run_dir)
-    meta_s = time.perf_counter() - t
 
-    def stage2(todo: list[int]) -> None:
+    def stage2(todo: list[int], meta: Hybrid) -> None:
         if nproc > 1:
             launch(run_dir, job, todo, nproc)
             return
@@ -111,12 +104,13 @@ def incubate_target(job: Job, *, nproc: int = 1, run_dir: Path | None = None) ->
 
     assembled, report = incubate_modules(list(target.modules), target.data, run_dir, epochs_meta=job.epochs_meta,
                                          epochs_module=job.epochs_module, epochs_finetune=job.epochs_finetune,
-                                         lr=job.lr, seed=job.seed, meta=meta, anchor=job.anchor, stage2=stage2)
+                                         lr=job.lr, seed=job.seed,
+                                         meta=frozen_meta(target.modules) if job.meta == "self" else None,
+                                         anchor=job.anchor, stage2=stage2)
     for module, tuned in zip(target.modules, assembled.parts):
         module.load_state_dict(tuned.state_dict())
     report = {"format": REPORT_FORMAT, "job": dataclasses.asdict(job), "nproc": nproc, "cuts": list(target.cuts),
-              "run_dir": str(run_dir), **report, "trained": ["meta"] * fresh_meta + report["trained"],
-              "wall_s": {**report["wall_s"], "meta": meta_s, "total": time.perf_counter() - t0}}
+              "run_dir": str(run_dir), **report, "wall_s": {**report["wall_s"], "total": time.perf_counter() - t0}}
     return target, report
 
 
