@@ -1,21 +1,22 @@
 """Reassembly benchmark: dery-compile's choice under latency budgets against the zoo members that fit.
 
-    DERY_CACHE_DIR=/tmp/quality-cache /work/venv/bin/python benchmarks/bench_reassembly.py [--quick]
+    DERY_CACHE_DIR=/tmp/bench-cache python benchmarks/bench_reassembly.py [--quick]
 
-One run writes benchmarks/results/reassembly.md and benchmarks/results/reassembly.json. On
-the default zoo (six members trained on digits, K = 4, target cpu / ONNX Runtime), for
-budgets spread evenly from the fastest to the slowest member's measured latency, plus 2%
-below each slower member's (where that member stops fitting) and one below the fastest
-member (where none fits), it replays dery-compile's closed loop with
-`dery.driver.Search` (program with the default predictor -> 5 best -> re-ranked by the
-val-acc proxy -> compiled engine measured -> re-solved under a tighter limit while it
-overshoots), then measures the chosen assembly's top-1 TEST accuracy
-(a) as assembled, with the closed-form stitches and no training;
-(b) after `refine_stitches` (only the stitches train, end to end, blocks frozen);
-(c) after `fine_tune` (a private copy of the whole assembly trains briefly);
-against the most accurate member whose measured latency fits the budget, as it is and,
-as a control for the extra training, after the same fine-tune. Training uses the train
-split only; hyper-parameters are the functions' defaults.
+One run writes benchmarks/results/reassembly.md and benchmarks/results/reassembly.json. On the
+default zoo and on a second zoo of other architectures trained on the same data (`--zoo alt`),
+K = 4, target cpu / ONNX Runtime, at 11 budgets spread evenly over the members' measured
+latencies (fastest to slowest), it replays dery-compile's closed loop with `dery.driver.Search`
+twice:
+(a) `--finetune none`: the untrained quality model, the best 5 solutions and every member that
+    fits re-ranked by val accuracy as they are; the engine measured, re-solved while it overshoots;
+(b) the default repair (`--finetune e2e --epochs 5`): the after-repair quality model, the same
+    candidates each repaired and re-ranked by val accuracy after repair;
+and measures the answer's top-1 TEST accuracy against every member that fits the budget (measured
+latency), with the same training: as they are for (a), after the same repair for (b). A win is an
+assembly of two or more members whose engine measures within the budget and is more accurate on
+test than every member that fits; p is the exact McNemar test against the best of them. For (b)
+the same assembly is also repaired by the other kinds (`stitches`, `incubate`, same epochs), with
+their wall time: the evidence for the default kind.
 """
 from __future__ import annotations
 
@@ -31,22 +32,22 @@ from pathlib import Path
 import _common as common
 import scipy.stats
 import torch
-from bench_quality import DEFAULT_PREDICTOR, DEFAULT_RERANK, machine, session
+from bench_quality import machine
 from dery.driver import CompileConfig, Search, Session, front
-from dery.errors import DeryError
 from dery.evaluate import predictions, reference_labels
 from dery.passes.assemble import assemble
-from dery.passes.compile import compile_engine
-from dery.passes.stitch import StitchModule, fine_tune, refine_stitches
-from dery.passes.verify import identity, measure_engine, next_limit
-from dery.zoo import load_member, parse_zoo
+from dery.passes.proxy import quality
+from dery.passes.repair import repair
+from dery.passes.verify import next_limit
 
 RESULTS = common.RESULTS
 SEED = 0
-REFINE_EPOCHS = 10
-FINE_TUNE_EPOCHS = 5
-MAX_ROUNDS = 4
-JUST_BELOW = 0.98  # dery-compile's default closed-loop rounds
+BUDGETS = 11
+MAX_ROUNDS = 4  # dery-compile's default closed-loop rounds
+REPAIRED = CompileConfig(target="cpu", latency_ms=1.0)  # the default repair
+UNTRAINED = dataclasses.replace(REPAIRED, finetune="none")
+OTHER_KINDS = ("stitches", "incubate")
+ZOOS = {"default": "default", "alt": "alt"}
 
 
 def correct(module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,140 +79,91 @@ def compiled(search: Search, budget: float) -> tuple[list[dict], object | None]:
     return rounds, final
 
 
-def member_engines(s: Session, workdir: Path) -> dict[str, float]:
-    """Each member compiled as a one-model assembly and measured like every chosen engine."""
-    out = {}
-    for m in s.partition.models:
-        models = (m,) * s.partition.k
-        _, module = assemble(s.lowered, s.partition, s.stitches, models)
-        engine = compile_engine(module, s.zoo[0].input_shape, s.target, workdir, f"member-{m}")
-        out[m] = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered), s.target,
-                                s.cache).median_ms
+def fitting(s: Session, budget: float) -> list[str]:
+    """The members whose measured latency fits the budget."""
+    return [m for m, r in s.costs.networks.items() if r.median_ms <= budget]
+
+
+def verdict(ok: torch.Tensor, models: tuple[str, ...], within: bool, controls: dict[str, torch.Tensor]) -> dict:
+    """Test accuracy of an answer against the best of the members that fit (same training), McNemar p."""
+    acc = float(ok.float().mean())
+    out = {"test_acc": acc, "errors": int((~ok).sum()), "reassembled": len(set(models)) > 1,
+           "within_budget": within}
+    if controls:
+        best = max(controls, key=lambda m: (float(controls[m].float().mean()), m))
+        control = float(controls[best].float().mean())
+        out.update(member=best, member_test_acc=control, p=mcnemar(ok, controls[best]),
+                   win=out["reassembled"] and within and acc > control,
+                   loss=control > acc and mcnemar(ok, controls[best]) < 0.05)
     return out
 
 
-def dominant(s: Session) -> str | None:
-    """The member that is both the fastest (measured) and the most accurate on val, if one is."""
-    ms = {m: r.median_ms for m, r in s.costs.networks.items()}
-    val = s.quality.member_val
-    fastest, best = min(ms, key=ms.get), max(val, key=val.get)
-    return fastest if fastest == best else None
-
-
-def checkpoint_zoo(s: Session, drop: str) -> str:
-    """A --zoo spec naming the cached checkpoints of every member of `s` but `drop` (same weights)."""
-    wanted = {n.name: n.weights_key for n in s.zoo if n.name != drop}
-    found: dict[str, str] = {}
-    for path in sorted((s.cache.root / "zoo").glob("*.pt")):
-        spec = parse_zoo(str(path))[0]
-        if spec.name in wanted and spec.name not in found and \
-                load_member(spec, s.data, s.cache).weights_key == wanted[spec.name]:
-            found[spec.name] = str(path)
-    missing = sorted(set(wanted) - set(found))
-    if missing:
-        raise DeryError(f"no cached checkpoint for {', '.join(missing)} under {s.cache.root / 'zoo'}")
-    return ",".join(found[m] for m in wanted)
-
-
-def study(s: Session, workdir: Path, steps: int, refine_epochs: int, tune_epochs: int) -> dict:
-    """Members, then at each budget: dery-compile's choice, as is / refined / fine-tuned, vs the members that fit."""
+def study(s: Session, workdir: Path, budgets_n: int, other_kinds: bool) -> dict:
+    """At each budget: dery-compile's answer untrained and with the default repair, against the members that fit."""
     started = time.perf_counter()
-    search = Search(s, workdir)
-    train_labels, _ = reference_labels(s.zoo, s.data, "train")
-    test_images = s.data.images("test")
-    test_labels, _ = reference_labels(s.zoo, s.data, "test")
-    by_name = {n.name: n for n in s.zoo}
+    k = s.partition.k
+    repaired_s = dataclasses.replace(s, config=dataclasses.replace(s.config, finetune=REPAIRED.finetune,
+                                                                   epochs=REPAIRED.epochs),
+                                     quality=quality(s.lowered, s.partition, s.stitches, s.data, s.cache,
+                                                     REPAIRED.quality_model))
+    plain, fixed = Search(s, workdir / "none"), Search(repaired_s, workdir / "repair")
+    x = s.data.images("test")
+    y, _ = reference_labels(s.zoo, s.data, "test")
+    train_y, _ = reference_labels(s.zoo, s.data, "train")
     member_ms = {m: r.median_ms for m, r in s.costs.networks.items()}
-    member_ok = {m: correct(by_name[m].module, test_images, test_labels) for m in member_ms}
-    engines_ms = member_engines(s, workdir)
+    as_is = {m: correct(n.module, x, y) for m, n in zip(member_ms, s.zoo)}
+    after = {m: correct(fixed.repaired((m,) * k).module, x, y) for m in member_ms}
     lo, hi = min(member_ms.values()), max(member_ms.values())
-    # an even grid over the member range, plus just below each member's latency (where it stops fitting)
-    grid = [lo + (hi - lo) * i / steps for i in range(steps + 1)]
-    budgets = sorted({0.8 * lo, *grid, *(JUST_BELOW * ms for ms in member_ms.values() if ms > lo)})
-    tuned_members: dict[str, torch.Tensor] = {}
     rows = []
-    for budget in budgets:
+    for i in range(budgets_n):
+        budget = lo + (hi - lo) * i / max(budgets_n - 1, 1)
         print(f"budget {budget:.4f} ms, {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        rounds, result = compiled(search, budget)
-        row: dict = {"budget_ms": budget, "in_member_range": budget >= lo, "rounds": rounds}
-        fits = [m for m in member_ms if member_ms[m] <= budget]
-        member = max(fits, key=lambda m: (float(member_ok[m].float().mean()), -member_ms[m])) if fits else None
-        if member is not None:
-            if member not in tuned_members:
-                _, whole = assemble(s.lowered, s.partition, s.stitches, (member,) * s.partition.k)
-                tuned, _ = fine_tune(whole, s.data, train_labels, tune_epochs, seed=SEED)
-                tuned_members[member] = correct(tuned, test_images, test_labels)
-            row["member"] = {"name": member, "latency_ms": member_ms[member], "engine_ms": engines_ms[member],
-                             "test_acc": float(member_ok[member].float().mean()),
-                             "fine_tuned_test_acc": float(tuned_members[member].float().mean())}
-        row["chosen"] = None if result is None else chosen(s, result, budget, member, member_ok, tuned_members,
-                                                           train_labels,
-                                                           refine_epochs, tune_epochs)
+        fits = fitting(s, budget)
+        row: dict = {"budget_ms": budget, "fits": fits}
+        for name, search, controls in (("none", plain, as_is), ("repair", fixed, after)):
+            rounds, result = compiled(search, budget)
+            if result is None:
+                row[name] = None
+                continue
+            ok = correct(result.module, x, y)
+            row[name] = {"models": list(result.models), "predicted_ms": result.predicted_ms,
+                         "engine_ms": result.measured_ms, "rounds": len(rounds), "proxy": result.proxy,
+                         **verdict(ok, result.models, result.measured_ms <= budget, {m: controls[m] for m in fits})}
+        if other_kinds and row["repair"] is not None and row["repair"]["reassembled"]:
+            models = tuple(row["repair"]["models"])
+            row["kinds"] = {REPAIRED.finetune: {"test_acc": row["repair"]["test_acc"],
+                                                "seconds": fixed.repaired(models).seconds}}
+            for kind in OTHER_KINDS:
+                _, module = assemble(s.lowered, s.partition, s.stitches, models)
+                done = repair(module, kind, REPAIRED.epochs, s.data, train_y, seed=SEED,
+                              run_dir=workdir / kind / f"{i}")
+                row["kinds"][kind] = {"test_acc": float(correct(done.module, x, y).float().mean()),
+                                      "seconds": done.seconds}
         rows.append(row)
     return {"models": list(s.partition.models),
-            "members": {m: {"latency_ms": member_ms[m], "engine_ms": engines_ms[m],
-                            "val_acc": s.quality.member_val[m], "test_acc": float(member_ok[m].float().mean()),
-                            "fine_tuned_test_acc": float(tuned_members[m].float().mean())
-                            if m in tuned_members else None} for m in member_ms},
-            "calibration": dataclasses.asdict(s.calibration) if dataclasses.is_dataclass(s.calibration) else None,
-            "budgets": rows}
-
-
-def chosen(s: Session, result, budget: float, member: str | None, member_ok: dict[str, torch.Tensor],
-           tuned_ok: dict[str, torch.Tensor],
-           train_labels: torch.Tensor, refine_epochs: int, tune_epochs: int) -> dict:
-    """Test accuracy of one chosen assembly as is, refined and fine-tuned, against the best member that fits
-    (as it is; for the fine-tuned assembly, that member after the same fine-tune). Only an assembly of two or
-    more members counts as reassembled: a lone member that fine-tuning improves is not a reassembly."""
-    test_images = s.data.images("test")
-    test_labels, _ = reference_labels(s.zoo, s.data, "test")
-    models = result.models
-    _, module = assemble(s.lowered, s.partition, s.stitches, models)
-    as_is = correct(module, test_images, test_labels)
-    refine_log = refine_stitches(module, s.data, train_labels, refine_epochs, seed=SEED)
-    refined = correct(module, test_images, test_labels)
-    _, fresh = assemble(s.lowered, s.partition, s.stitches, models)
-    tuned, tune_log = fine_tune(fresh, s.data, train_labels, tune_epochs, seed=SEED)
-    out = {"models": list(models), "stitches": sum(isinstance(p, StitchModule) for p in module.parts),
-           "predicted_ms": result.predicted_ms, "engine_ms": result.measured_ms,
-           "engine_within_budget": result.measured_ms <= budget, "proxy": result.proxy,
-           "objective": result.solution.objective, "refine": refine_log, "fine_tune": tune_log,
-           "reassembled": len(set(models)) > 1}
-    tuned_ok_now = correct(tuned, test_images, test_labels)
-    for name, ok in (("as_is", as_is), ("refined", refined), ("fine_tuned", tuned_ok_now)):
-        entry = {"test_acc": float(ok.float().mean()), "errors": int((~ok).sum())}
-        if member is not None:
-            control = (tuned_ok if name == "fine_tuned" else member_ok)[member]
-            entry["beats_every_member_that_fits"] = out["reassembled"] and bool(
-                entry["test_acc"] > float(control.float().mean()))
-            entry["mcnemar_p_vs_member"] = mcnemar(ok, control)
-        out[name] = entry
-    return out
+            "members": {m: {"latency_ms": member_ms[m], "val_acc": s.quality.member_val[m],
+                            "test_acc": float(as_is[m].float().mean()),
+                            "repaired_test_acc": float(after[m].float().mean()),
+                            "repair_s": fixed.repaired((m,) * k).seconds} for m in member_ms},
+            "quality": {"none": s.quality.predictor, "repair": repaired_s.quality.predictor},
+            "budgets": rows, "wall_s": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="3 budgets in the member range, 1 training epoch each, no leave-one-out zoo")
+    parser.add_argument("--quick", action="store_true", help="3 budgets, the default zoo only, no other kinds")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    refine_epochs, tune_epochs = (1, 1) if args.quick else (REFINE_EPOCHS, FINE_TUNE_EPOCHS)
-    steps = 2 if args.quick else 5
     workdir = Path(tempfile.mkdtemp(prefix="bench-reassembly-"))
     try:
-        s = session(workdir / "out")
+        zoos = {}
+        for name, spec in ZOOS.items() if not args.quick else [("default", "default")]:
+            s = front(dataclasses.replace(UNTRAINED, zoo=spec, k=4, out=workdir / "out"))
+            zoos[name] = study(s, workdir / name, 3 if args.quick else BUDGETS, other_kinds=not args.quick)
         _, kind = reference_labels(s.zoo, s.data, "train")
-        _, test_kind = reference_labels(s.zoo, s.data, "test")
-        zoos = {"default": study(s, workdir, steps, refine_epochs, tune_epochs)}
-        drop = dominant(s)
-        if drop is not None and not args.quick:
-            spec = checkpoint_zoo(s, drop)
-            sub = front(CompileConfig(target="cpu", latency_ms=1.0, zoo=spec, k=4, out=workdir / "out"))
-            zoos[f"default without {drop}"] = study(sub, workdir, steps, refine_epochs, tune_epochs)
         doc = {"machine": machine(), "mode": "quick" if args.quick else "full", "seed": SEED,
-               "command": " ".join([sys.executable, *sys.argv]), "labels": kind, "test_labels": test_kind,
-               "predictor": DEFAULT_PREDICTOR, "rerank": DEFAULT_RERANK, "refine_epochs": refine_epochs,
-               "fine_tune_epochs": tune_epochs, "test_images": len(s.data.split("test")), "dominant": drop,
+               "command": " ".join([sys.executable, *sys.argv]), "labels": kind,
+               "finetune": REPAIRED.finetune, "epochs": REPAIRED.epochs, "test_images": len(s.data.split("test")),
                "zoos": zoos, "total_s": time.perf_counter() - started}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -219,57 +171,68 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _mark(entry: dict) -> str:
-    if "beats_every_member_that_fits" not in entry:
-        return f"{common.pct(entry['test_acc'])} (no member fits)"
-    verdict = "**beats**" if entry["beats_every_member_that_fits"] else "no"
-    return f"{common.pct(entry['test_acc'])} ({verdict}, p={entry['mcnemar_p_vs_member']:.2g})"
+def _cell(entry: dict | None) -> str:
+    if entry is None:
+        return "nothing fits"
+    over = "" if entry["within_budget"] else ", engine over budget"
+    head = f"{'-'.join(entry['models'])}: {common.pct(entry['test_acc'])}"
+    if "member" not in entry:
+        return f"{head} (no member fits{over})"
+    mark = "**win**" if entry["win"] else ("**loss**" if entry["loss"] else "no")
+    return f"{head} vs {entry['member']} {common.pct(entry['member_test_acc'])} ({mark}, p={entry['p']:.2g}{over})"
 
 
 def markdown(doc: dict) -> list[str]:
     info = doc["machine"]
     md = ["# Reassembly benchmark (`benchmarks/bench_reassembly.py`)", "",
-          f"Machine: {info['cpu']}, {info['cores_usable']} usable cores (shared with other jobs), torch "
-          f"{info['torch']}, ONNX Runtime {info['onnxruntime']}. Mode: {doc['mode']}; seed {doc['seed']}; total run "
-          f"{doc['total_s']:.0f} s.", "",
+          f"Machine: {info['cpu']}, {info['cores_usable']} usable cores, torch {info['torch']}, ONNX Runtime "
+          f"{info['onnxruntime']}. Mode: {doc['mode']}; seed {doc['seed']}; total run {doc['total_s']:.0f} s.", "",
           f"Command: `{doc['command']}` (DERY_CACHE_DIR={os.environ.get('DERY_CACHE_DIR', '<default>')}).", "",
-          f"K = 4, target cpu (ONNX Runtime). Choice: dery-compile's closed loop (predictor `{doc['predictor']}`, "
-          f"top-5 re-ranked by `{doc['rerank']}`, engine measured, re-solved while over budget). Accuracy: top-1 "
-          f"on the test split ({doc['test_images']} images, {doc['test_labels']}); one image is "
-          f"{100 / doc['test_images']:.2f} points. Refinement: {doc['refine_epochs']} epochs of the stitches "
-          f"only; fine-tune: {doc['fine_tune_epochs']} epochs of a copy of the whole network; both on the train "
-          f"split ({doc['labels']}). 'beats': an assembly of two or more members with strictly higher test accuracy "
-          f"than the most accurate member whose measured latency fits (the fine-tuned assembly against that "
-          f"member after the same fine-tune); p: exact McNemar test against that member."]
+          f"K = 4, target cpu (ONNX Runtime), {BUDGETS} budgets evenly from the fastest to the slowest member's "
+          f"measured latency. Each cell: dery-compile's answer and its test accuracy ({doc['test_images']} images; "
+          f"one image is {100 / doc['test_images']:.2f} points) against the most accurate member that fits, with "
+          f"the same training: as they are for `--finetune none`, after the same repair (`--finetune "
+          f"{doc['finetune']} --epochs {doc['epochs']}`, train split, {doc['labels']}) for the default. "
+          "**win**: two or more members, engine within budget, more accurate than every member that fits; "
+          "**loss**: a member that fits is more accurate with McNemar p < 0.05; p: exact McNemar test against "
+          "that member."]
     for name, z in doc["zoos"].items():
-        md += ["", f"## Zoo: {name}", "",
-               "| member | measured latency (ms) | engine (ms) | val acc | test acc | after the same fine-tune |",
+        md += ["", f"## Zoo: {name} (quality model `{z['quality']['none']}` untrained, `{z['quality']['repair']}` "
+               f"with the repair; {z['wall_s']:.0f} s)", "",
+               "| member | measured latency (ms) | val acc | test acc | after the repair | repair (s) |",
                "|---|---|---|---|---|---|"]
         for m, r in sorted(z["members"].items(), key=lambda kv: kv[1]["latency_ms"]):
-            md.append(f"| {m} | {r['latency_ms']:.4f} | {r['engine_ms']:.4f} | {common.pct(r['val_acc'])} | "
-                      f"{common.pct(r['test_acc'])} | {common.pct(r['fine_tuned_test_acc'])} |")
-        md += ["", "| budget (ms) | best member that fits (test; fine-tuned) | chosen assembly | stitches | "
-               "predicted / engine ms | as is | stitches refined | fine-tuned |", "|---|---|---|---|---|---|---|---|"]
+            md.append(f"| {m} | {r['latency_ms']:.4f} | {common.pct(r['val_acc'])} | {common.pct(r['test_acc'])} | "
+                      f"{common.pct(r['repaired_test_acc'])} | {r['repair_s']:.1f} |")
+        md += ["", "| budget (ms) | members that fit | `--finetune none` | default repair | engine ms (repair) |",
+               "|---|---|---|---|---|"]
         for b in z["budgets"]:
-            mem = b.get("member")
-            mcell = (f"{mem['name']} ({common.pct(mem['test_acc'])}; {common.pct(mem['fine_tuned_test_acc'])})"
-                     if mem else "none")
-            c = b["chosen"]
-            label = f"{b['budget_ms']:.4f}{'' if b['in_member_range'] else ' (below every member)'}"
-            if c is None:
-                md.append(f"| {label} | {mcell} | nothing fits | | | | | |")
-                continue
-            over = "" if c["engine_within_budget"] else " (over)"
-            md.append(f"| {label} | {mcell} | {'-'.join(c['models'])} | {c['stitches']} | "
-                      f"{c['predicted_ms']:.4f} / {c['engine_ms']:.4f}{over} | {_mark(c['as_is'])} | "
-                      f"{_mark(c['refined'])} | {_mark(c['fine_tuned'])} |")
-        md += ["", "Where a reassembled network beats every member that fits (budgets in the member range):", ""]
-        in_range = [b for b in z["budgets"] if b["in_member_range"]]
-        for stage in ("as_is", "refined", "fine_tuned"):
-            won = [f"{b['budget_ms']:.4f}" for b in in_range
-                   if b["chosen"] and b["chosen"][stage].get("beats_every_member_that_fits")]
-            md.append(f"- {stage.replace('_', ' ')}: {len(won)} of {len(in_range)} budgets"
-                      + (f" ({', '.join(won)} ms)" if won else ""))
+            rep = b["repair"]
+            md.append(f"| {b['budget_ms']:.4f} | {len(b['fits'])} | {_cell(b['none'])} | {_cell(rep)} | "
+                      f"{rep['engine_ms']:.4f} |" if rep else f"| {b['budget_ms']:.4f} | {len(b['fits'])} | "
+                      f"{_cell(b['none'])} | {_cell(rep)} | - |")
+        md += [""]
+        for how in ("none", "repair"):
+            entries = [b[how] for b in z["budgets"] if b[how] is not None]
+            wins = [e for e in entries if e.get("win")]
+            strong = sum(e["p"] < 0.05 for e in wins)
+            md.append(f"- `{how}`: wins at {len(wins)} of {len(z['budgets'])} budgets, {strong} "
+                      f"with p < 0.05; losses (a member that fits better, p < 0.05): "
+                      f"{sum(bool(e.get('loss')) for e in entries)}; the answer is a lone member at "
+                      f"{sum(not e['reassembled'] for e in entries)}.")
+        kinds = [b for b in z["budgets"] if b.get("kinds")]
+        if kinds:
+            names = list(kinds[0]["kinds"])
+            md += ["", "The same chosen assembly repaired by each kind (test accuracy, wall time):", "",
+                   "| budget (ms) | assembly | " + " | ".join(f"`{n}`" for n in names) + " |",
+                   "|---|---|" + "---|" * len(names)]
+            for b in kinds:
+                md.append(f"| {b['budget_ms']:.4f} | {'-'.join(b['repair']['models'])} | "
+                          + " | ".join(f"{common.pct(b['kinds'][n]['test_acc'])} ({b['kinds'][n]['seconds']:.1f} s)"
+                                       for n in names) + " |")
+            for n in names:
+                md.append(f"- `{n}`: mean {common.pct(sum(b['kinds'][n]['test_acc'] for b in kinds) / len(kinds))}, "
+                          f"{sum(b['kinds'][n]['seconds'] for b in kinds) / len(kinds):.1f} s per repair")
     return md
 
 

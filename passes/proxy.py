@@ -20,6 +20,11 @@ unless said otherwise):
   ranks the held-out accuracy of multi-switch assemblies better than
   `pairwise` (Kendall tau, benchmarks/results/quality.md). Scores are log-probabilities, not log-odds:
   `Quality.accuracy` converts either kind back to an accuracy.
+* `pairwise-repaired`: the `pairwise-log` construction on accuracies measured after a brief repair
+  (`defaults.REPAIR_TERM_EPOCHS` of the run's `--finetune` kind) of every member and single switch: a
+  model of accuracy after repair, whose terms are measured, not guessed. It ranks repaired multi-switch
+  assemblies better than the untrained terms (benchmarks/results/quality.md) at the cost of one brief
+  training per stitch.
 * `stitch-r2`: the same unary terms, stitches penalised by their held-out fit
   (log R^2), no network evaluation.
 * `member-acc`: unary terms only (the plain weighted mix of members).
@@ -38,8 +43,10 @@ zoo ensemble's predictions otherwise (see dery.evaluate).
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +65,7 @@ from torch.overrides import TorchFunctionMode
 
 PREDICTORS = defaults.PREDICTORS
 PROXIES = defaults.PROXIES
+PAIRWISE = ("pairwise", "pairwise-log", "pairwise-repaired")  # the predictors whose stitch terms are measured
 # Module or traced functional form alike, every activation runs through one of these.
 ACTIVATIONS = frozenset({F.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, F.mish,
                          torch.relu, torch.Tensor.relu})
@@ -101,27 +109,37 @@ class Quality:
 
 
 def switch_accuracies(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, data: Dataset,
-                      cache: Cache, switches_too: bool = True
-                      ) -> tuple[dict[tuple[str, str, int], float], dict[str, float], str]:
+                      cache: Cache, switches_too: bool = True, repaired: tuple[str, int] | None = None,
+                      seed: int = 0) -> tuple[dict[tuple[str, str, int], float], dict[str, float], str]:
     """Val accuracy of every zoo member and, with `switches_too`, of every single-switch (two-piece) assembly
-    (cached): a forward pass over the val split per stitch, which only the pairwise predictors read."""
-    labels, kind = reference_labels([lw.network for lw in zoo], data, "val")
+    (cached): a forward pass over the val split per stitch, which only the pairwise predictors read. With
+    `repaired` = (kind, epochs), each is scored after that repair (dery.passes.repair) instead of as it is."""
+    from dery.passes.repair import repair
+
+    nets = [lw.network for lw in zoo]
+    labels, kind = reference_labels(nets, data, "val")
+    train = reference_labels(nets, data, "train")[0] if repaired else None
     images = data.images("val")
     k = partition.k
     key = content_key("switch-acc", [(lw.name, lw.network.weights_key) for lw in zoo], partition.boundaries,
                       [(s.source, s.target, s.boundary, s.weights) for s in stitches.items], data.fingerprint, kind,
-                      *(() if switches_too else ("members only",)))
+                      *(() if switches_too else ("members only",)), *((repaired, seed) if repaired else ()))
+
+    def score(models: tuple[str, ...]) -> float:
+        _, module = assemble(zoo, partition, stitches, models)
+        if repaired:
+            with tempfile.TemporaryDirectory() as run_dir:
+                module = repair(module, *repaired, data, train, seed=seed, run_dir=Path(run_dir)).module
+        return accuracy(module, images, labels)
 
     def make() -> dict:
-        members = {}
-        for lw in zoo:
-            members[lw.name] = accuracy(lw.network.module, images, labels)
+        members = {lw.name: score((lw.name,) * k) for lw in zoo}
         switches = {}
-        with progress.task("scoring stitches", len(stitches.items) if switches_too else 0) as advance:
+        what = "repairing and scoring stitches" if repaired else "scoring stitches"
+        with progress.task(what, len(stitches.items) if switches_too else 0) as advance:
             for s in stitches.items if switches_too else ():
                 models = (s.source,) * (s.boundary + 1) + (s.target,) * (k - s.boundary - 1)
-                _, module = assemble(zoo, partition, stitches, models)
-                switches[f"{s.source}|{s.target}|{s.boundary}"] = accuracy(module, images, labels)
+                switches[f"{s.source}|{s.target}|{s.boundary}"] = score(models)
                 advance()
         return {"members": members, "switches": switches}
 
@@ -134,28 +152,36 @@ def switch_accuracies(zoo: Sequence[Lowered], partition: Partition, stitches: St
 
 
 def quality(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, data: Dataset, cache: Cache,
-            predictor: str = defaults.PREDICTOR) -> Quality:
-    """The proxy pass: unary and pairwise quality terms for the program."""
+            predictor: str = defaults.PREDICTOR, finetune: str = defaults.FINETUNE, seed: int = 0) -> Quality:
+    """The proxy pass: unary and pairwise quality terms for the program (`finetune`: the repair kind that
+    `pairwise-repaired` measures its terms after)."""
     if predictor not in PREDICTORS:
         raise DeryError(f"unknown quality predictor {predictor!r}; known: {', '.join(PREDICTORS)}", exit_code=USAGE)
-    n = len(data.split("val"))
+    pairwise = predictor in PAIRWISE
+    repaired = (finetune, defaults.REPAIR_TERM_EPOCHS) if predictor == "pairwise-repaired" else None
+    switches, members, kind = switch_accuracies(zoo, partition, stitches, data, cache, switches_too=pairwise,
+                                                repaired=repaired, seed=seed)
+    return from_accuracies(predictor, kind, partition, stitches, members, switches, len(data.split("val")))
+
+
+def from_accuracies(predictor: str, labels: str, partition: Partition, stitches: Stitches, members: dict[str, float],
+                    switches: dict[tuple[str, str, int], float], n: int) -> Quality:
+    """A predictor's terms from the val accuracies (of `n` images) of the members and the single switches."""
     k = partition.k
-    switches, members, kind = switch_accuracies(zoo, partition, stitches, data, cache,
-                                                switches_too=predictor in ("pairwise", "pairwise-log"))
-    link = "log" if predictor == "pairwise-log" else "logit"
+    link = "log" if predictor in ("pairwise-log", "pairwise-repaired") else "logit"
     g = log_accuracy if link == "log" else logit
     lm = {m: g(members[m], n) for m in partition.models}
     unary = {(m, s): lm[m] / k for m in partition.models for s in range(k)}
     pairwise: dict[tuple[str, str, int], float] = {}
     for st in stitches.items:
         a, b, j = st.source, st.target, st.boundary
-        if predictor in ("pairwise", "pairwise-log"):
+        if predictor in PAIRWISE:
             pairwise[a, b, j] = g(switches[a, b, j], n) - ((j + 1) * lm[a] + (k - j - 1) * lm[b]) / k
         elif predictor == "stitch-r2":
             pairwise[a, b, j] = math.log(max(st.r2, 1e-3))
         else:
             pairwise[a, b, j] = 0.0
-    return Quality(predictor, kind, unary, pairwise, members, link)
+    return Quality(predictor, labels, unary, pairwise, members, link)
 
 
 class _ActivationCodes(TorchFunctionMode):

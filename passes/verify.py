@@ -28,12 +28,14 @@ from dery.reference import Pace, measure_referenced, reference_piece
 from dery.targets import Target, get_target, local_device_name
 
 
-def identity(models: Sequence[str], partition: Partition, stitches: Stitches, zoo: Sequence[Lowered]) -> str:
-    """What makes two engines the same: blocks, their weights, and the stitch weights."""
+def identity(models: Sequence[str], partition: Partition, stitches: Stitches, zoo: Sequence[Lowered],
+             trained: tuple = ()) -> str:
+    """What makes two engines the same: blocks, their weights, the stitch weights, and the repair that trained
+    them (`trained`: kind, epochs, seed; empty for none)."""
     weights = {lw.name: lw.network.weights_key for lw in zoo}
     parts = [(m, partition.block(m, k).fingerprint, weights[m]) for k, m in enumerate(models)]
     joins = [stitches.get(a, b, j).weights for j, (a, b) in enumerate(zip(models, models[1:])) if a != b]
-    return content_key("assembly", parts, joins)
+    return content_key("assembly", parts, joins, *((trained,) if trained else ()))
 
 
 def measure_engine(path: Path, identity: str, target: Target, cache: Cache, method: Method = Method(),

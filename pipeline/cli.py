@@ -76,13 +76,17 @@ def _compile_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--flops-limit", type=non_negative, help="optional upper bound on FLOPs")
     p.add_argument("--memory-limit-mb", type=non_negative,
                    help="optional upper bound on peak activation memory (MB) of every block and stitch")
-    p.add_argument("--predictor", choices=defaults.PREDICTORS, default=defaults.PREDICTOR,
-                   help=f"quality model used as the program's objective (default {defaults.PREDICTOR})")
+    p.add_argument("--predictor", choices=defaults.PREDICTORS,
+                   help=f"quality model used as the program's objective (default {defaults.REPAIR_PREDICTOR} when "
+                        f"a repair follows, {defaults.PREDICTOR} with --finetune none)")
     p.add_argument("--rerank", choices=defaults.PROXIES, default=defaults.RERANK,
                    help=f"whole-network proxy that re-ranks the program's best solutions (default {defaults.RERANK})")
-    p.add_argument("--stitch-epochs", type=non_negative_int, default=defaults.STITCH_EPOCHS,
-                   help="train the chosen assembly's stitches end to end for this many epochs on the train split "
-                        "(default 0: the closed-form least-squares fit only)")
+    p.add_argument("--finetune", choices=defaults.FINETUNES, default=defaults.FINETUNE,
+                   help="repair the best candidates before the engine is built: train nothing, the stitches, the "
+                        "whole network (e2e), or by module incubation; every member compared with gets the same "
+                        f"(default {defaults.FINETUNE})")
+    p.add_argument("--epochs", type=non_negative_int, default=defaults.FINETUNE_EPOCHS,
+                   help=f"epochs of that repair on the train split (default {defaults.FINETUNE_EPOCHS}; 0: none)")
     p.add_argument("--top", type=positive_int, default=defaults.TOP,
                    help=f"how many best solutions to re-rank (default {defaults.TOP})")
     p.add_argument("--measure", choices=defaults.MEASURES, default=defaults.MEASURE,
@@ -107,7 +111,7 @@ def _config(args: argparse.Namespace):
                          probe=args.probe, predictor=args.predictor, rerank=args.rerank, top=args.top,
                          params_limit=args.params_limit, flops_limit=args.flops_limit,
                          memory_limit_mb=args.memory_limit_mb, max_rounds=args.max_rounds,
-                         stitch_epochs=args.stitch_epochs, measure=args.measure,
+                         finetune=args.finetune, epochs=args.epochs, measure=args.measure,
                          save_problem=args.save_problem, pareto=args.pareto, allow_estimates=args.allow_estimates,
                          seed=args.seed)
 

@@ -16,14 +16,21 @@ SIMILARITIES = ("pooled", "full")
 PROBE = 256  # probe images for similarity and stitches
 SEED = 0
 PREDICTOR = "pairwise-log"  # the program's quality model (the best Kendall tau in benchmarks/results/quality.md)
-PREDICTORS = ("pairwise", "pairwise-log", "stitch-r2", "member-acc")
+PREDICTORS = ("pairwise", "pairwise-log", "pairwise-repaired", "stitch-r2", "member-acc")
 RERANK = "val-acc"  # the whole-network proxy that re-ranks the program's best solutions
 PROXIES = ("val-acc", "naswot", "linear-probe")
 TOP = 5  # best solutions re-ranked
 MEASURE = "on-demand"  # what a compile measures: the pieces its solutions rest on, or "all" of them
 MEASURES = ("on-demand", "all")
 MAX_ROUNDS = 4  # closed-loop rounds at most
-STITCH_EPOCHS = 0  # end-to-end stitch training of the chosen assembly (0: the least-squares fit only)
+FINETUNE = "e2e"  # the repair of the chosen assembly before its engine is built (benchmarks/results/reassembly.md)
+FINETUNES = ("none", "stitches", "e2e", "incubate")
+FINETUNE_EPOCHS = 5  # epochs of that repair, given to every member it is compared with too
+# The quality model when a repair follows. `pairwise-repaired` ranks repaired assemblies best (Kendall tau 0.69
+# against 0.50 in benchmarks/results/quality.md) but trains once per stitch (about 130 s on the default zoo, on
+# 2 cores), which the first run cannot afford; the re-ranking after repair (tau 0.88) makes the choice.
+REPAIR_PREDICTOR = "pairwise-log"
+REPAIR_TERM_EPOCHS = 1  # the brief repair behind `pairwise-repaired`
 CALIBRATION_ASSEMBLIES = 12  # random assemblies measured whole to calibrate the latency model
 OUT = "build"
 SHIPPED_WEIGHTS = Path(__file__).parent / "weights"  # the default zoo's members, trained by `dery train-zoo`

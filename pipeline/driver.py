@@ -1,7 +1,7 @@
 """The driver: runs the passes in one explicit order and closes the latency loop.
 
     zoo -> lower -> similarity -> partition -> stitch -> profile -> calibrate -> proxy
-        -> [solve -> assemble -> compile -> verify] (repeated while over budget)
+        -> [solve -> assemble -> repair -> compile -> verify] (repeated while over budget)
         -> report
 
 Each pass's expensive output is cached under DERY_CACHE_DIR keyed by its
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from dery.passes.lower import Lowered
     from dery.passes.profile import Costs, Profiler
     from dery.passes.proxy import Quality
+    from dery.passes.repair import Repaired
     from dery.passes.solve import SearchSpace
     from dery.passes.stitch import Stitches
     from dery.profile_store import Calibration
@@ -59,20 +60,33 @@ class CompileConfig:
     slack: float = defaults.SLACK
     similarity: str = defaults.SIMILARITY
     probe: int = defaults.PROBE
-    predictor: str = defaults.PREDICTOR
+    predictor: str | None = None  # None: defaults.PREDICTOR, or defaults.REPAIR_PREDICTOR when a repair follows
     rerank: str = defaults.RERANK
     top: int = defaults.TOP
     params_limit: float | None = None
     flops_limit: float | None = None
     memory_limit_mb: float | None = None
     max_rounds: int = defaults.MAX_ROUNDS
-    stitch_epochs: int = defaults.STITCH_EPOCHS
+    finetune: str = defaults.FINETUNE
+    epochs: int = defaults.FINETUNE_EPOCHS
     measure: str = defaults.MEASURE
     save_problem: Path | None = None
     pareto: bool = False
     allow_estimates: bool = False
     seed: int = defaults.SEED
     profiling: defaults.Profiling = field(default_factory=defaults.Profiling)
+
+    @property
+    def repairs(self) -> bool:
+        """Whether the chosen assembly (and every member it is compared with) is trained before its engine."""
+        return self.finetune != "none" and self.epochs > 0
+
+    @property
+    def quality_model(self) -> str:
+        """The program's quality model: the one asked for, else the default for accuracy as is or after repair."""
+        if self.predictor is not None:
+            return self.predictor
+        return defaults.REPAIR_PREDICTOR if self.repairs else defaults.PREDICTOR
 
 
 @contextlib.contextmanager
@@ -196,7 +210,8 @@ def _calibrate(s: Session) -> None:
 def _proxy(s: Session) -> None:
     from dery.passes.proxy import quality
 
-    s.quality = quality(s.lowered, s.partition, s.stitches, s.data, s.cache, s.config.predictor)
+    s.quality = quality(s.lowered, s.partition, s.stitches, s.data, s.cache, s.config.quality_model,
+                        s.config.finetune, s.config.seed)
 
 
 # The front of the pipeline as data: each stage fills its fields of the Session; `dery partition` and
@@ -205,7 +220,7 @@ FRONT: tuple[tuple[str, Callable[[Session], None]], ...] = (
     ("zoo", _zoo), ("lower", _lower), ("partition", _partition), ("stitch", _stitch), ("profile", _profile),
     ("calibrate", _calibrate), ("proxy", _proxy))
 PASSES = ("zoo", "lower", "similarity", "partition", "stitch", "profile", "calibrate", "proxy", "solve", "assemble",
-          "compile", "verify", "report")
+          "repair", "compile", "verify", "report")
 
 
 def front(cfg: CompileConfig, until: str = "proxy") -> Session:
@@ -281,7 +296,7 @@ def _closed_loop(cfg: CompileConfig, s: Session, search: Search, out: Path) -> d
     if final is None:
         raise DeryError(f"no assembly fits: {status}")
     pareto = search.pareto_sweep() if cfg.pareto else None
-    return write_outputs(out, facts(s, final), final, rounds, status, pareto)
+    return write_outputs(out, facts(search, final), final, rounds, status, pareto)
 
 
 def _plan_only(cfg: CompileConfig, s: Session, search: Search, out: Path) -> dict:
@@ -295,34 +310,46 @@ def _plan_only(cfg: CompileConfig, s: Session, search: Search, out: Path) -> dic
               f"nothing was measured. Build and verify on a {s.target.device_pattern} machine with the same "
               f"command (without --allow-estimates), or `dery profile --target {s.target.name}` there and merge "
               f"its table here")
-    return write_outputs(out, facts(s, result), result, [result.round_json(0, cfg.latency_ms, cfg.latency_ms)], status,
-                         None)
+    return write_outputs(out, facts(search, result), result,
+                         [result.round_json(0, cfg.latency_ms, cfg.latency_ms)], status, None)
 
 
-def facts(s: Session, final: Result) -> Facts:
-    """What the report shows beside the final assembly: the members whole and the assembly, scored on test."""
+def facts(search: Search, final: Result) -> Facts:
+    """What the report shows beside the final assembly: the members whole (as they are and, where they fit the
+    budget, after the same repair) and the assembly (as is and repaired), scored on test."""
     from dery.evaluate import accuracy, has_labels
+    from dery.passes.assemble import assemble
     from dery.report import Facts
 
+    s = search.s
     labelled = has_labels(s.zoo, s.data)
     test_x, test_y = s.data.images("test"), s.data.split("test").labels
+
+    def score(module: nn.Module) -> float | None:
+        return accuracy(module, test_x, test_y) if labelled else None
+
     members = []
     for n, lw in zip(s.zoo, s.lowered):
         params, flops = lw.cost(None, None)
         rec = s.costs.networks[n.name]
+        fits = rec.median_ms <= s.config.latency_ms
         members.append({"model": n.name, "arch": n.spec.arch, "latency_ms": rec.median_ms,
                         "latency_p90_ms": rec.p90_ms, "params": params, "flops": flops, "estimated": rec.estimated,
-                        "accuracy": accuracy(n.module, test_x, test_y) if labelled else None})
+                        "fits": fits, "accuracy": score(n.module),
+                        "accuracy_repaired": score(search.repaired((n.name,) * s.partition.k).module)
+                        if fits and s.config.repairs else None})
+    as_is = score(assemble(s.lowered, s.partition, s.stitches, final.models)[1])
     return Facts(s.target, s.config.latency_ms, tuple(s.zoo[0].input_shape),
                  {"name": s.data.name, "resolution": s.data.resolution,
                   "splits": {k: len(v) for k, v in s.data.splits.items()}, "labelled": labelled},
                  s.partition, {"predictor": s.quality.predictor, "labels": s.quality.labels,
                                "rerank": s.config.rerank},
-                 members, accuracy(final.module, test_x, test_y) if labelled else None,
+                 members, score(final.module), as_is, final.repair,
                  s.quality.accuracy(final.models), any(r.estimated for r in s.costs.used(final.models)),
                  {"search_space": len(s.profiler.items), "asked": len(s.profiler.found)},
                  {"timings_s": {name: round(t, 3) for name, t in s.timings.items()},
-                  "pieces_measured": len(s.profiler.fresh)})
+                  "pieces_measured": len(s.profiler.fresh),
+                  "repair_s": round(search.repaired(final.models).seconds, 3)})
 
 
 @dataclass(frozen=True, eq=False)
@@ -336,7 +363,7 @@ class Result:
     engine: Engine
     timing: Timing | None
     proxy: float
-    refinement: dict | None = None
+    repair: dict
 
     @property
     def measured_ms(self) -> float | None:
@@ -361,6 +388,7 @@ class Search:
         self.s = session
         self.workdir = workdir
         self._proxy: dict[tuple[str, ...], float] = {}
+        self._repaired: dict[tuple[str, ...], Repaired] = {}
         self._labels: dict[str, Any] = {}
 
     def labels(self, split: str) -> Any:
@@ -383,17 +411,44 @@ class Search:
     def problem(self, limit_ms: float) -> Problem:
         return self.space(limit_ms).problem
 
-    def proxy(self, models: tuple[str, ...]) -> float:
-        """The re-ranking proxy of an assembly (cached for the session)."""
+    def repaired(self, models: tuple[str, ...]) -> Repaired:
+        """The assembly after the run's repair (`--finetune`; cached for the session)."""
         from dery.passes.assemble import assemble
+        from dery.passes.repair import repair
+
+        if models not in self._repaired:
+            s, cfg = self.s, self.s.config
+            with stage("assemble", s.timings):
+                _, module = assemble(s.lowered, s.partition, s.stitches, models)
+            labels, _ = self.labels("train")
+            if cfg.repairs:
+                progress.say(f"repairing {' > '.join(models)} ({cfg.finetune}, {cfg.epochs} epochs)")
+            with stage("repair", s.timings):
+                self._repaired[models] = repair(module, cfg.finetune, cfg.epochs, s.data, labels, seed=cfg.seed,
+                                                run_dir=self.workdir / "incubate" / "-".join(models))
+        return self._repaired[models]
+
+    def proxy(self, models: tuple[str, ...]) -> float:
+        """The re-ranking proxy of an assembly after the run's repair (cached for the session)."""
         from dery.passes.proxy import whole_network_score
 
         if models not in self._proxy:
-            s = self.s
-            _, module = assemble(s.lowered, s.partition, s.stitches, models)
             labels, _ = self.labels("val")
-            self._proxy[models] = whole_network_score(s.config.rerank, module, s.data, labels)
+            self._proxy[models] = whole_network_score(self.s.config.rerank, self.repaired(models).module, self.s.data,
+                                                      labels)
         return self._proxy[models]
+
+    def members(self, space: SearchSpace, exclude: list[tuple[str, ...]]) -> list[tuple[tuple[str, ...], Solution]]:
+        """Every zoo member, whole, that meets the limits: the re-ranking weighs each against the assemblies."""
+        from dery.passes.solve import assembly_ids
+
+        out = []
+        for m in self.s.partition.models:
+            ids = tuple(assembly_ids((m,) * self.s.partition.k))
+            objective, totals = space.problem.evaluate(ids)
+            if ids not in exclude and space.problem.meets_limits(totals):
+                out.append(((m,) * self.s.partition.k, Solution("optimal", ids, objective, totals)))
+        return out
 
     def settled(self, limit_ms: float, solve: Callable[[Problem], list[Solution]]
                 ) -> tuple[SearchSpace, list[Solution]]:
@@ -429,42 +484,37 @@ class Search:
         space, sols = self.settled(limit_ms, lambda p: best_solutions(p, self.s.config.top, exclude=exclude))
         if not sols:
             return None
+        picks = {chosen_models(space, sol): sol for sol in sols}
+        for models, sol in self.members(space, exclude):
+            picks.setdefault(models, sol)
+        for models in picks:
+            self.repaired(models)
         with stage("proxy", self.s.timings):
-            scored = [(self.proxy(chosen_models(space, sol)), -i, sol, chosen_models(space, sol))
-                      for i, sol in enumerate(sols)]
+            scored = [(self.proxy(models), -i, sol, models) for i, (models, sol) in enumerate(picks.items())]
         return max(scored, key=lambda t: (t[0], t[1]))
 
     def realise(self, models: tuple[str, ...], solution: Solution, proxy: float, name: str) -> Result:
-        """Assemble, compile and measure one solution."""
+        """Assemble, repair, compile and measure one solution."""
         from dery.passes.assemble import assemble
         from dery.passes.compile import compile_engine
         from dery.passes.verify import identity, measure_engine
 
-        s = self.s
-        with stage("assemble", s.timings):
-            assembly, module = assemble(s.lowered, s.partition, s.stitches, models)
-            refinement = self.refine(module)
+        s, cfg = self.s, self.s.config
+        assembly, _ = assemble(s.lowered, s.partition, s.stitches, models)
+        repaired = self.repaired(models)
+        module = repaired.module
         with stage("compile", s.timings):
             engine = compile_engine(module, s.zoo[0].input_shape, s.target, self.workdir, name)
         if s.device is None:
-            return Result(solution, models, assembly, module, engine, None, proxy, refinement)
+            return Result(solution, models, assembly, module, engine, None, proxy, repaired.log)
+        trained = (cfg.finetune, cfg.epochs, cfg.seed, s.data.fingerprint) if cfg.repairs else ()
         with stage("verify", s.timings):
-            timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered), s.target,
+            timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered, trained),
+                                    s.target,
                                     s.cache, pace=s.store.pace(group_of(s.target, s.device)),
                                     attempts=s.config.profiling.verify_attempts,
                                     predicted_ms=solution.totals["latency_ms"], off=s.config.profiling.verify_off)
-        return Result(solution, models, assembly, module, engine, timing, proxy, refinement)
-
-    def refine(self, module) -> dict | None:
-        """`--stitch-epochs`: train the assembly's own stitch copies on the train split (labels, or the zoo's)."""
-        from dery.passes.stitch import refine_stitches
-
-        s = self.s
-        if s.config.stitch_epochs == 0:
-            return None
-        labels, kind = self.labels("train")
-        return {**refine_stitches(module, s.data, labels, s.config.stitch_epochs, seed=s.config.seed),
-                "labels": kind}
+        return Result(solution, models, assembly, module, engine, timing, proxy, repaired.log)
 
     def best(self, limit_ms: float, exclude: list[tuple[str, ...]]) -> Result | None:
         picked = self.choose(limit_ms, exclude)

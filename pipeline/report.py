@@ -35,7 +35,9 @@ class Facts:
     partition: Partition
     quality: dict[str, Any]  # predictor, labels, rerank
     members: list[dict[str, Any]]  # one row per zoo member: latency record, cost, test accuracy
-    accuracy: float | None  # the final assembly's on the test split (None without labels)
+    accuracy: float | None  # the final assembly's on the test split, after its repair (None without labels)
+    accuracy_as_is: float | None  # the same assembly before its repair
+    repair: dict[str, Any]  # what `--finetune` did: kind, epochs, seconds, train losses
     predicted_accuracy: float
     estimated: bool  # whether any latency the final assembly's cost rests on is estimated
     pieces: dict[str, int]  # latency pieces of the search space and how many of them the run's answer rests on
@@ -76,7 +78,10 @@ def build_report(facts: Facts, final: Result, rounds: list[dict], status: str, p
         "accuracy": facts.accuracy,
         "predicted_accuracy": facts.predicted_accuracy,
         "quality": {**facts.quality, "proxy": final.proxy, "objective": final.solution.objective},
-        "stitch_refinement": final.refinement,
+        "accuracy_as_is": facts.accuracy_as_is,
+        "repair": facts.repair,
+        "budget_used": final.measured_ms / facts.budget_ms if final.measured_ms is not None else None,
+        "member": a.models[0] if len(set(a.models)) == 1 else None,
         "data": facts.data,
         "partition": {"k": p.k, "balance": p.balance, "objective": p.objective,
                       "boundaries": {m: list(b) for m, b in zip(p.models, p.boundaries)}},
@@ -106,6 +111,24 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def _repair_lines(r: dict[str, Any]) -> list[str]:
+    """What the repair did and how much of the budget the engine uses; whether the best choice is a member."""
+    rep = r["repair"]
+    lines = [""]
+    if rep["kind"] != "none":
+        lines.append(f"Repair (`--finetune {rep['kind']}`, {rep['epochs']} epochs on the train split, "
+                     f"{r['run']['repair_s']:.1f} s): test accuracy {_pct(r['accuracy_as_is'])} as assembled, "
+                     f"{_pct(r['accuracy'])} repaired. Every member that fits the budget had the same repair.")
+    else:
+        lines.append("No repair (`--finetune none`): the blocks and least-squares stitches as they are.")
+    if r["budget_used"] is not None:
+        lines.append(f"The engine uses {100 * r['budget_used']:.0f}% of the budget.")
+    if r["member"] is not None:
+        lines.append(f"The best choice is a member: {r['member']} whole (no assembly of several members "
+                     f"scored higher on val).")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """report.md: the same facts as report.json, for people."""
     r = report
@@ -127,6 +150,7 @@ def markdown(report: dict[str, Any]) -> str:
         if r["measured_latency_ms"] is not None else
         f"| **engine not measured** (no device here) | - | {_fmt(r['params'])} | {_fmt(r['flops'])} | "
         f"{_pct(r['accuracy'])} (torch) |",
+        *_repair_lines(r),
         "",
         "## Chosen blocks",
         "",
@@ -140,9 +164,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {s['boundary']} | {s['from']} | {s['to']} | {s['kind']} | {s['r2']:.3f} | {_fmt(s['params'])} |"
                   for s in r["stitches"]]
     lines += ["", "## Zoo (each member measured end to end the same way)", "",
-              "| model | architecture | latency (ms) | params | FLOPs | test accuracy |", "|---|---|---|---|---|---|"]
+              "| model | architecture | latency (ms) | fits | params | FLOPs | test accuracy | after the same repair |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {z['model']} | {z['arch']} | {_fmt(z['latency_ms'])}{' (est.)' if z['estimated'] else ''} | "
-              f"{_fmt(z['params'])} | {_fmt(z['flops'])} | {_pct(z['accuracy'])} |" for z in r["zoo"]]
+              f"{_yes(z['fits'])} | {_fmt(z['params'])} | {_fmt(z['flops'])} | {_pct(z['accuracy'])} | "
+              f"{_pct(z['accuracy_repaired'])} |" for z in r["zoo"]]
     lines += ["", "## Closed loop", "", "| round | limit (ms) | chosen | predicted (ms) | measured (ms) | within |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {x['round']} | {_fmt(x['limit_ms'])} | {' > '.join(x['chosen'])} | {_fmt(x['predicted_ms'])} | "
@@ -168,7 +194,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     ykey = "accuracy" if report["accuracy"] is not None else None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    zy = [z["accuracy"] if ykey else 0.0 for z in report["zoo"]]
+    zy = [(z["accuracy_repaired"] or z["accuracy"]) if ykey else 0.0 for z in report["zoo"]]
     ax.scatter([z["latency_ms"] for z in report["zoo"]], zy, c="tab:blue", label="zoo members")
     for z, y in zip(report["zoo"], zy):
         ax.annotate(z["model"], (z["latency_ms"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -76,9 +76,19 @@ _DIGITS_MEMBERS = (
 _TINY_MEMBERS = tuple(MemberSpec(m.name, m.arch, m.weights, m.kwargs, Recipe(epochs=e, lr=m.recipe.lr), m.resolution)
                       for m, e in ((_DIGITS_MEMBERS[0], 4), (_DIGITS_MEMBERS[3], 5), (_DIGITS_MEMBERS[5], 8)))
 
+_ALT_MEMBERS = (
+    MemberSpec("regnet", "regnetx_002", "train", (), Recipe(epochs=15, lr=2e-3), 32),
+    MemberSpec("lcnet", "lcnet_050", "train", (), Recipe(epochs=20, lr=5e-3), 32),
+    MemberSpec("ghostnet", "ghostnet_050", "train", (), Recipe(epochs=20, lr=5e-3), 32),
+    MemberSpec("rexnet", "rexnet_100", "train", (("width_mult", 0.5),), Recipe(epochs=20, lr=5e-3), 32),
+    MemberSpec("densenet", "densenet121", "train", (("growth_rate", 8), ("block_config", (2, 2, 2, 2))),
+               Recipe(epochs=15, lr=2e-3), 32),
+)
+
 PRESETS: dict[str, tuple[MemberSpec, ...]] = {
     "default": _DIGITS_MEMBERS,  # six architectures, trained on digits in a few minutes
     "tiny": _TINY_MEMBERS,  # three of them, briefly trained: for quick trials and the test suite
+    "alt": _ALT_MEMBERS,  # five other architectures trained the same way (trained here on first use, not shipped)
 }
 _DEFAULT_MEMBERS = {m.name: m for m in _DIGITS_MEMBERS}  # `--zoo resnet_wide` names one member of the default zoo
 

@@ -35,8 +35,9 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(isolated_cache: Path):
-    """The front half of the pipeline (zoo .. proxy) on the tiny zoo, K = 3, target cpu, every piece measured."""
+    """The front half of the pipeline (zoo .. proxy) on the tiny zoo, K = 3, target cpu, every piece measured, no
+    repair (the untrained quality model; tests/test_repair.py covers --finetune)."""
     from dery.driver import CompileConfig, front
 
     return front(CompileConfig(target="cpu", latency_ms=1.0, zoo="tiny", k=3, out=isolated_cache / "unused",
-                               measure="all"))
+                               measure="all", finetune="none"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,11 @@ def test_every_default_has_one_source() -> None:
         if f.name in ("target", "latency_ms", "profiling"):  # required, or a settings object no flag exposes
             continue
         assert getattr(args, f.name) == getattr(config, f.name), f.name
-    assert (config.k, config.balance, config.predictor, config.top) == (defaults.K, defaults.BALANCE,
-                                                                        defaults.PREDICTOR, defaults.TOP)
+    assert (config.k, config.balance, config.top, config.finetune, config.epochs) == (
+        defaults.K, defaults.BALANCE, defaults.TOP, defaults.FINETUNE, defaults.FINETUNE_EPOCHS)
+    assert config.quality_model == (defaults.REPAIR_PREDICTOR if config.repairs else defaults.PREDICTOR)
+    assert replace(config, finetune="none").quality_model == defaults.PREDICTOR
+    assert replace(config, finetune="none", predictor="stitch-r2").quality_model == "stitch-r2"
     assert config.profiling == defaults.Profiling() and not hasattr(args, "profiling")
 
 

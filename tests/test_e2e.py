@@ -28,7 +28,7 @@ def budget(tiny) -> float:
 @pytest.fixture(scope="module")
 def first(tiny, budget, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("out1")
-    return run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=out)), out
+    return run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=out, finetune="none")), out
 
 
 def test_engine_within_budget_and_report_contract(first, budget) -> None:
@@ -69,10 +69,10 @@ def test_second_run_reuses_everything_and_gives_the_same_report(first, tiny, bud
     report, _ = first
     from dery.driver import front
 
-    again = front(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path))
+    again = front(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, finetune="none"))
     assert again.costs.measured == 0  # every latency came from the profile store
     assert again.partition == tiny.partition
-    second = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path))
+    second = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, finetune="none"))
     assert second["run"]["pieces_measured"] == 0 and set(second["run"]["timings_s"]) >= {"zoo", "solve", "verify"}
     assert without_run(second) == without_run(report)
     assert without_run(json.loads((tmp_path / "report.json").read_bytes())) == without_run(report)
@@ -114,7 +114,7 @@ def test_save_problem_reproduces_the_solution(first, tiny, budget, tmp_path) -> 
 
     report, _ = first
     path = tmp_path / "problem.json"
-    run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path / "o",
+    run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path / "o", finetune="none",
                               save_problem=path))
     problem = Problem.from_json(json.loads(path.read_text()))
     assert problem.sets == 3 and problem.limits["latency_ms"] == budget
@@ -248,12 +248,12 @@ def test_memory_limit_prunes_blocks_above_it(tiny) -> None:
 @pytest.mark.slow  # the default run stays under 5 minutes on 2 cores
 def test_pareto_sweep_and_stitch_refinement(tiny, budget, tmp_path) -> None:
     """--pareto: distinct assemblies from the fastest assembly up, each measured and in the report and plot;
-    --stitch-epochs: the engine carries the refined stitches (its accuracy is the refined module's)."""
+    --finetune stitches: the engine carries the refined stitches (its accuracy is the refined module's)."""
     from dery.passes.stitch import StitchModule
     from dery.solver import min_achievable
 
     report = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, pareto=True,
-                                       stitch_epochs=1))
+                                       finetune="stitches", epochs=1))
     sweep = report["pareto"]
     assert len(sweep) >= 1  # one point when a single assembly is the proxy's pick at every budget
     assert len({tuple(p["chosen"]) for p in sweep}) == len(sweep)
@@ -266,14 +266,14 @@ def test_pareto_sweep_and_stitch_refinement(tiny, budget, tmp_path) -> None:
     assert sweep[0]["budget_ms"] == pytest.approx(min_achievable(search.problem(slowest), "latency_ms"))
     assert all(search.choose(p["budget_ms"], [])[3] == tuple(p["chosen"]) for p in sweep)
     assert "## Pareto sweep" in (tmp_path / "report.md").read_text()
-    refined = report["stitch_refinement"]
+    refined = report["repair"]
     models = [a["model"] for a in report["assembly"]]
     _, module = assemble(tiny.lowered, tiny.partition, tiny.stitches, models)
     if any(isinstance(p, StitchModule) for p in module.parts):
         assert refined["trained_params"] > 0 and refined["loss_after"] <= refined["loss_before"]
         assert refined["kept"] == (refined["loss_after"] < refined["loss_before"])
     else:
-        assert refined["trained_params"] == 0
+        assert refined["trained_params"] == 0 and report["accuracy"] == report["accuracy_as_is"]
     sess = ort.InferenceSession(str(tmp_path / report["engine"]), providers=["CPUExecutionProvider"])
     x, y = tiny.data.images("test"), tiny.data.split("test").labels
     got = np.concatenate([sess.run(None, {"x": x[i:i + 1].numpy()})[0] for i in range(len(x))])
