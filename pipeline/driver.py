@@ -411,21 +411,35 @@ class Search:
     def problem(self, limit_ms: float) -> Problem:
         return self.space(limit_ms).problem
 
+    def trained(self) -> tuple:
+        """What the run's repair depends on beside the assembly (empty without a repair)."""
+        cfg = self.s.config
+        return (cfg.finetune, cfg.epochs, cfg.seed, self.s.data.fingerprint) if cfg.repairs else ()
+
     def repaired(self, models: tuple[str, ...]) -> Repaired:
-        """The assembly after the run's repair (`--finetune`; cached for the session)."""
+        """The assembly after the run's repair (`--finetune`; cached, so a rerun trains nothing)."""
+        import torch
         from dery.passes.assemble import assemble
         from dery.passes.repair import repair
+        from dery.passes.verify import identity
 
         if models not in self._repaired:
             s, cfg = self.s, self.s.config
             with stage("assemble", s.timings):
                 _, module = assemble(s.lowered, s.partition, s.stitches, models)
             labels, _ = self.labels("train")
-            if cfg.repairs:
-                progress.say(f"repairing {' > '.join(models)} ({cfg.finetune}, {cfg.epochs} epochs)")
+
+            def make() -> Repaired:
+                if cfg.repairs:
+                    progress.say(f"repairing {' > '.join(models)} ({cfg.finetune}, {cfg.epochs} epochs)")
+                return repair(module, cfg.finetune, cfg.epochs, s.data, labels, seed=cfg.seed,
+                              run_dir=self.workdir / "incubate" / "-".join(models))
+
             with stage("repair", s.timings):
-                self._repaired[models] = repair(module, cfg.finetune, cfg.epochs, s.data, labels, seed=cfg.seed,
-                                                run_dir=self.workdir / "incubate" / "-".join(models))
+                self._repaired[models] = make() if not cfg.repairs else s.cache.get_or_make(
+                    "repair", identity(models, s.partition, s.stitches, s.lowered, self.trained()), ".pt",
+                    make=make, save=lambda r, p: torch.save(r, p), load=lambda p: torch.load(p, weights_only=False),
+                    what="repaired network")
         return self._repaired[models]
 
     def proxy(self, models: tuple[str, ...]) -> float:
@@ -499,7 +513,7 @@ class Search:
         from dery.passes.compile import compile_engine
         from dery.passes.verify import identity, measure_engine
 
-        s, cfg = self.s, self.s.config
+        s = self.s
         assembly, _ = assemble(s.lowered, s.partition, s.stitches, models)
         repaired = self.repaired(models)
         module = repaired.module
@@ -507,9 +521,8 @@ class Search:
             engine = compile_engine(module, s.zoo[0].input_shape, s.target, self.workdir, name)
         if s.device is None:
             return Result(solution, models, assembly, module, engine, None, proxy, repaired.log)
-        trained = (cfg.finetune, cfg.epochs, cfg.seed, s.data.fingerprint) if cfg.repairs else ()
         with stage("verify", s.timings):
-            timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered, trained),
+            timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered, self.trained()),
                                     s.target,
                                     s.cache, pace=s.store.pace(group_of(s.target, s.device)),
                                     attempts=s.config.profiling.verify_attempts,

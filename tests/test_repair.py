@@ -78,7 +78,10 @@ def test_a_repaired_compile_is_deterministic_and_weighs_every_member_after_the_s
     cfg = CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, finetune="e2e", epochs=2)
     one = run_compile(dataclasses.replace(cfg, out=tmp_path / "one"))
     two = run_compile(dataclasses.replace(cfg, out=tmp_path / "two"))
-    assert {k: v for k, v in one.items() if k != "run"} == {k: v for k, v in two.items() if k != "run"}
+    # Everything but the engine's timing (a disturbed reading is measured afresh, never cached) is the same.
+    timing = {"run", "measured_latency_ms", "measured_p90_ms", "measured_cv", "budget_used", "rounds", "status"}
+    assert {k: v for k, v in one.items() if k not in timing} == {k: v for k, v in two.items() if k not in timing}
+    assert [r["chosen"] for r in one["rounds"]] == [r["chosen"] for r in two["rounds"]]
     assert (tmp_path / "one" / one["engine"]).read_bytes() == (tmp_path / "two" / two["engine"]).read_bytes()
     assert one["repair"]["kind"] == "e2e" and one["repair"]["epochs"] == 2
     assert one["quality"]["predictor"] == cfg.quality_model
