@@ -34,6 +34,7 @@ import scipy.stats
 import torch
 from bench_quality import machine
 from dery.driver import CompileConfig, Search, Session, front
+from dery.errors import DeryError
 from dery.evaluate import predictions, reference_labels
 from dery.passes.assemble import assemble
 from dery.passes.proxy import quality
@@ -152,21 +153,30 @@ def study(s: Session, workdir: Path, budgets_n: int, other_kinds: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 budgets, the default zoo only, no other kinds")
+    parser.add_argument("--zoos", default=",".join(ZOOS), help=f"zoos to study (default {','.join(ZOOS)})")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-reassembly-"))
+    doc = {"machine": machine(), "mode": "quick" if args.quick else "full", "seed": SEED,
+           "command": " ".join([sys.executable, *sys.argv]), "finetune": REPAIRED.finetune,
+           "epochs": REPAIRED.epochs, "zoos": {}}
     try:
-        zoos = {}
-        for name, spec in ZOOS.items() if not args.quick else [("default", "default")]:
-            s = front(dataclasses.replace(UNTRAINED, zoo=spec, k=4, out=workdir / "out"))
-            zoos[name] = study(s, workdir / name, 3 if args.quick else BUDGETS, other_kinds=not args.quick)
-        _, kind = reference_labels(s.zoo, s.data, "train")
-        doc = {"machine": machine(), "mode": "quick" if args.quick else "full", "seed": SEED,
-               "command": " ".join([sys.executable, *sys.argv]), "labels": kind,
-               "finetune": REPAIRED.finetune, "epochs": REPAIRED.epochs, "test_images": len(s.data.split("test")),
-               "zoos": zoos, "total_s": time.perf_counter() - started}
+        for name in ["default"] if args.quick else args.zoos.split(","):
+            try:
+                s = front(dataclasses.replace(UNTRAINED, zoo=ZOOS[name], k=4, out=workdir / "out"))
+            except DeryError as e:  # reported as measured: the zoo that cannot be compiled says why
+                doc["zoos"][name] = {"error": str(e)}
+                continue
+            doc["zoos"][name] = study(s, workdir / name, 3 if args.quick else BUDGETS, other_kinds=not args.quick)
+            doc["labels"] = reference_labels(s.zoo, s.data, "train")[1]
+            doc["test_images"] = len(s.data.split("test"))
+            doc["total_s"] = time.perf_counter() - started
+            common.write_results("reassembly", doc, markdown(doc))  # after each zoo: a later failure keeps it
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if "test_images" not in doc:
+        raise DeryError("no zoo could be compiled: " + "; ".join(f"{k}: {z['error']}" for k, z in doc["zoos"].items()))
+    doc["total_s"] = time.perf_counter() - started
     common.write_results("reassembly", doc, markdown(doc))
     return 0
 
@@ -197,6 +207,9 @@ def markdown(doc: dict) -> list[str]:
           "**loss**: a member that fits is more accurate with McNemar p < 0.05; p: exact McNemar test against "
           "that member."]
     for name, z in doc["zoos"].items():
+        if "error" in z:
+            md += ["", f"## Zoo: {name}", "", f"Not compiled: {z['error']}"]
+            continue
         md += ["", f"## Zoo: {name} (quality model `{z['quality']['none']}` untrained, `{z['quality']['repair']}` "
                f"with the repair; {z['wall_s']:.0f} s)", "",
                "| member | measured latency (ms) | val acc | test acc | after the repair | repair (s) |",
