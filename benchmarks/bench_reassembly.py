@@ -155,29 +155,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 budgets, the default zoo only, no other kinds")
     parser.add_argument("--zoos", default=",".join(ZOOS), help=f"zoos to study (default {','.join(ZOOS)})")
     args = parser.parse_args(argv)
+    names = ["default"] if args.quick else args.zoos.split(",")
+    if unknown := [n for n in names if n not in ZOOS]:
+        raise DeryError(f"--zoos: unknown zoo {', '.join(unknown)}; the zoos are {', '.join(ZOOS)}")
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-reassembly-"))
     doc = {"machine": machine(), "mode": "quick" if args.quick else "full", "seed": SEED,
            "command": " ".join([sys.executable, *sys.argv]), "finetune": REPAIRED.finetune,
            "epochs": REPAIRED.epochs, "zoos": {}}
     try:
-        for name in ["default"] if args.quick else args.zoos.split(","):
+        for name in names:
             try:
                 s = front(dataclasses.replace(UNTRAINED, zoo=ZOOS[name], k=4, out=workdir / "out"))
             except DeryError as e:  # reported as measured: the zoo that cannot be compiled says why
                 doc["zoos"][name] = {"error": str(e)}
-                continue
-            doc["zoos"][name] = study(s, workdir / name, 3 if args.quick else BUDGETS, other_kinds=not args.quick)
-            doc["labels"] = reference_labels(s.zoo, s.data, "train")[1]
-            doc["test_images"] = len(s.data.split("test"))
+            else:
+                doc["zoos"][name] = study(s, workdir / name, 3 if args.quick else BUDGETS,
+                                          other_kinds=not args.quick)
+                doc["labels"] = reference_labels(s.zoo, s.data, "train")[1]
+                doc["test_images"] = len(s.data.split("test"))
             doc["total_s"] = time.perf_counter() - started
-            common.write_results("reassembly", doc, markdown(doc))  # after each zoo: a later failure keeps it
+            if "test_images" in doc:  # after each zoo: a later failure keeps what was measured
+                common.write_results("reassembly", doc, markdown(doc))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if "test_images" not in doc:
         raise DeryError("no zoo could be compiled: " + "; ".join(f"{k}: {z['error']}" for k, z in doc["zoos"].items()))
-    doc["total_s"] = time.perf_counter() - started
-    common.write_results("reassembly", doc, markdown(doc))
     return 0
 
 
