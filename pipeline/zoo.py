@@ -81,7 +81,8 @@ _ALT_MEMBERS = (
     MemberSpec("lcnet", "lcnet_050", "train", (), Recipe(epochs=20, lr=5e-3), 32),
     MemberSpec("ghostnet", "ghostnet_050", "train", (), Recipe(epochs=20, lr=5e-3), 32),
     MemberSpec("rexnet", "rexnet_100", "train", (("width_mult", 0.5),), Recipe(epochs=20, lr=5e-3), 32),
-    MemberSpec("densenet", "densenet121", "train", (("growth_rate", 8), ("block_config", (2, 2, 2, 2))),
+    MemberSpec("densenet", "densenet121", "train",
+               (("growth_rate", 16), ("block_config", (2, 2, 2, 2)), ("stem_type", "deep")),
                Recipe(epochs=15, lr=2e-3), 32),
 )
 
@@ -329,13 +330,18 @@ def load_member(spec: MemberSpec, data: Dataset | None, cache: Cache) -> Network
         module = _wrap(_build(spec, None), spec)
     else:
         module = _load_file(spec, Path(spec.weights))
+    return as_network(spec.name, spec, module)
+
+
+def as_network(name: str, spec: MemberSpec, module: Normalized) -> Network:
+    """A zoo member from its module (frozen, in eval mode): input shape, class count and weights key read off it."""
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
     shape = input_shape(spec, module.net)
     with torch.no_grad():
         num_classes = int(module(torch.zeros(1, *shape)).shape[-1])
-    return Network(spec.name, spec, module, shape, num_classes, _state_key(module))
+    return Network(name, spec, module, shape, num_classes, _state_key(module))
 
 
 def _load_dery_checkpoint(spec: MemberSpec, path: Path) -> Normalized:
