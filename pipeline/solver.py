@@ -404,7 +404,8 @@ def best_solutions(problem: Problem, n: int, time_limit_s: float | None = None,
     """The n best distinct assemblies, best first (fewer if fewer exist), none of `exclude`.
 
     Each one after the first is the optimum once all earlier ones are cut off; the time limit
-    covers the whole enumeration, which stops after the first answer not proven optimal.
+    covers the whole enumeration, which stops after the first answer not proven optimal. Equal
+    objectives are ordered by their ids, so the order does not depend on HiGHS's search path.
     """
     if n < 1:
         return []
@@ -422,7 +423,7 @@ def best_solutions(problem: Problem, n: int, time_limit_s: float | None = None,
         if sol.status != "optimal":
             break
         mip.forbid(sol.chosen)
-    return found
+    return sorted(found, key=lambda s: (-s.objective, s.chosen))
 
 
 def solve_file(path: str, time_limit_s: float | None = None) -> tuple[int, str, str]:

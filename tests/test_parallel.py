@@ -95,7 +95,8 @@ def test_resume_under_torchrun_trains_only_the_missing_module(two_procs, env):
 
 
 def test_a_failed_process_names_its_module(tmp_path):
-    with pytest.raises(DeryError, match=r"module 0 failed in process 0: unknown model 'nosuch'"):
+    """Both processes fail; torchrun stops the other once the first fails, so either may be the one named."""
+    with pytest.raises(DeryError, match=r"^module ([01]) failed in process \1: unknown model 'nosuch'[^\n]*$"):
         launch(tmp_path, Job("nosuch", 2, **FAST), [0, 1], 2)
 
 
