@@ -1,28 +1,48 @@
-"""Model LEGO on the default zoo's CNNs: kept parameters, ONNX Runtime latency, task accuracy against controls.
+"""Model LEGO: components against whole networks and controls, and dery-compile --classes against whole members.
 
-Rows: every default-zoo CNN (the ViT is not a CNN and is refused by disassembly) x 5 class subsets; the
-component is deterministic, so the 3 seeds are the random control's seeds. Latency: ONNX Runtime, 1 thread,
-batch 1, median of many runs on a shared, noisy 2-core machine. Writes benchmarks/results/lego.{md,json}.
+    DERY_CACHE_DIR=/tmp/bench-cache python benchmarks/bench_lego.py [--part table|compile|all]
+
+Table: every default-zoo CNN (the ViT has attention and is refused by disassembly) and one 224 px timm CNN
+(mobilenetv3_small_050, trained here on the digits at 224 px) x 5 class subsets. The component is deterministic,
+so the 3 seeds are the random control's. Per row: kept parameters; ONNX Runtime latency (1 thread, batch 1,
+median of 200 runs) of the whole network, of the component as located (`--round-to 1`) and of the component with
+its channels rounded up to multiples of 8 (the default); test accuracy on the subset (argmax over its classes) of
+the whole network, the component, the random control (same units per dependency group, at random) and the
+wrong-class control (the component located for as many other classes).
+
+Compile study: `dery-compile --classes` on the default zoo (target cpu, K = 4, `--finetune none`: no member,
+component or assembly is trained, so the comparison is fair) at 8 budgets spread over the class zoo's measured
+latencies, against the best whole member that fits (measured in the same run, scored on the same images).
+
+Writes benchmarks/results/lego.{md,json}, after each part.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
-import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
+from dery import defaults
 from dery.cache import Cache
 from dery.data import digits
+from dery.driver import CompileConfig, front, run_compile
 from dery.onnx_graph import export
-from dery.passes.disassemble import disassemble, random_component, task_accuracy
-from dery.zoo import PRESETS, load_member
+from dery.passes.disassemble import component_of, disassemble, random_component, task_accuracy
+from dery.zoo import PRESETS, MemberSpec, Recipe, load_member
 
 SUBSETS = ((0, 3), (1, 5, 7), (2, 4, 6, 8), (0, 9), (3, 5, 8))
 SEEDS = (0, 1, 2)
-RESULTS = Path(__file__).parent / "results"
+BUDGETS = 8
+STUDY_SUBSETS = ("0,3", "3,5,8")
+WIDE = MemberSpec("mnv3s_224", "mobilenetv3_small_050", "train", (), Recipe(epochs=8, lr=5e-3), 224)
+NAME = "lego"
 
 
 def latency_ms(module: torch.nn.Module, shape: tuple[int, ...], runs: int = 200) -> float:
@@ -45,68 +65,140 @@ def latency_ms(module: torch.nn.Module, shape: tuple[int, ...], runs: int = 200)
     return statistics.median(times)
 
 
-def main() -> None:
+def table() -> list[dict]:
+    """One row per (network, subset)."""
     torch.set_num_threads(1)
-    data = digits(32)
-    x, y = data.images("train"), data.split("train").labels
-    xt, yt = data.images("test"), data.split("test").labels
     rows = []
-    for spec in PRESETS["default"]:
-        if spec.name == "vit":
-            continue
-        net = load_member(spec, data, Cache())
+    members = [(s, 32) for s in PRESETS["default"] if s.name != "vit"] + [(WIDE, 224)]
+    data = {}
+    for spec, res in members:
+        d = data.setdefault(res, digits(res))
+        x, y = d.images("train"), d.split("train").labels
+        xt, yt = d.images("test"), d.split("test").labels
+        net = load_member(spec, d, Cache())
         whole_ms = latency_ms(net.module, net.input_shape)
         for classes in SUBSETS:
-            comp = disassemble(net.module, x, y, classes, data.classes, label=net.name)
+            comp = disassemble(net.module, x, y, classes, d.classes, label=net.name)
+            exact = disassemble(net.module, x, y, classes, d.classes, label=net.name, round_to=1)
             wrong_cls = tuple(c for c in range(10) if c not in classes)[:len(classes)]
-            wrong = disassemble(net.module, x, y, wrong_cls, data.classes, label=net.name)
+            wrong = disassemble(net.module, x, y, wrong_cls, d.classes, label=net.name)
             cols = range(len(classes))
             rand = [task_accuracy(random_component(net.module, comp, x, s).module, xt, yt, classes, cols)
                     for s in SEEDS]
-            rows.append({"model": net.name, "classes": list(classes), "whole_params": comp.whole_params,
-                         "kept_params": comp.kept_params, "kept_fraction": comp.kept_fraction,
+            rows.append({"model": net.name, "arch": spec.arch, "resolution": res, "classes": list(classes),
+                         "whole_params": comp.whole_params, "kept_params": comp.kept_params,
+                         "kept_fraction": comp.kept_fraction, "kept_params_exact": exact.kept_params,
                          "whole_ms": whole_ms, "component_ms": latency_ms(comp.module, net.input_shape),
+                         "component_exact_ms": latency_ms(exact.module, net.input_shape),
                          "acc_whole": task_accuracy(net.module, xt, yt, classes),
                          "acc_component": task_accuracy(comp.module, xt, yt, classes, cols),
+                         "acc_component_exact": task_accuracy(exact.module, xt, yt, classes, cols),
                          "acc_random": float(np.mean(rand)), "acc_random_seeds": rand,
                          "acc_wrong": task_accuracy(wrong.module, xt, yt, classes, cols)})
             r = rows[-1]
-            print(f"{r['model']:12s} {classes} kept {100 * r['kept_fraction']:.1f}% {r['whole_ms']:.3f}->"
-                  f"{r['component_ms']:.3f} ms acc {r['acc_whole']:.3f} {r['acc_component']:.3f} "
-                  f"rand {r['acc_random']:.3f} wrong {r['acc_wrong']:.3f}", flush=True)
-    write(rows)
+            print(f"{r['model']:12s} {classes} kept {100 * r['kept_fraction']:.1f}% {r['whole_ms']:.3f} -> "
+                  f"{r['component_exact_ms']:.3f} / {r['component_ms']:.3f} ms acc {r['acc_whole']:.3f} "
+                  f"{r['acc_component']:.3f} rand {r['acc_random']:.3f} wrong {r['acc_wrong']:.3f}", flush=True)
+    return rows
 
 
-def write(rows: list[dict]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lego.json").write_text(json.dumps({"machine": platform.machine(), "rows": rows}, indent=2) + "\n")
-    lines = ["# Model LEGO: components of the default zoo's CNNs", "",
-             "Digits (distorted), 32 px, default thresholds (conv 0.3/0.2, linear 0.4/0.3), at least 32 "
-             "confidently correct training samples per class. Accuracy: test split, samples of the subset's "
-             "classes, argmax over those classes. Random control: the same units per dependency group chosen at "
-             "random (3 seeds, mean). Wrong-class control: the component located for as many other classes, "
-             "its logits read as the task's. Latency: ONNX Runtime CPU, 1 thread, batch 1, median of 200 runs "
-             "on a shared, noisy 2-core machine (other engineers' jobs ran meanwhile). Components are not "
-             "parameter-scaled here.", "",
-             "| model | classes | kept params | latency whole -> component (ms) | acc whole | acc component | "
-             "acc random | acc wrong-class |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {','.join(map(str, r['classes']))} | {r['kept_params']:,} "
-                     f"({100 * r['kept_fraction']:.1f}%) | {r['whole_ms']:.3f} -> {r['component_ms']:.3f} | "
-                     f"{100 * r['acc_whole']:.1f} | {100 * r['acc_component']:.1f} | {100 * r['acc_random']:.1f} | "
-                     f"{100 * r['acc_wrong']:.1f} |")
-    lines += ["", "## Per family (mean over subsets)", "",
-              "| model | kept params | whole - component (points) | component - random (points) | "
-              "within 5 points at <= 40% params | beats random by >= 8 points |", "|---|---|---|---|---|---|"]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == model]
-        kept = float(np.mean([r["kept_fraction"] for r in rs]))
-        gap = 100 * float(np.mean([r["acc_whole"] - r["acc_component"] for r in rs]))
-        lift = 100 * float(np.mean([r["acc_component"] - r["acc_random"] for r in rs]))
-        lines.append(f"| {model} | {100 * kept:.1f}% | {gap:.1f} | {lift:.1f} | "
-                     f"{'yes' if gap <= 5 and kept <= 0.4 else 'no'} | {'yes' if lift >= 8 else 'no'} |")
-    (RESULTS / "lego.md").write_text("\n".join(lines) + "\n")
+def study(classes: str, work: Path) -> dict:
+    """dery-compile --classes at BUDGETS budgets over the class zoo's measured latencies."""
+    base = CompileConfig(target="cpu", latency_ms=1.0, zoo="default", k=4, finetune="none", classes=classes,
+                         out=work / "front")
+    s = front(base, until="calibrate")
+    lat = {n: r.median_ms for n, r in s.costs.networks.items()}
+    lo, hi = min(lat.values()), max(lat.values())
+    points = []
+    for i in range(BUDGETS):
+        budget = round(lo * 1.02 + (hi - lo * 1.02) * i / (BUDGETS - 1), 4)
+        t0 = time.perf_counter()
+        r = run_compile(dataclasses.replace(base, latency_ms=budget, out=work / f"b{i}"))
+        whole = [z for z in r["zoo"] if z["component_of"] is None and z["fits"]]
+        best = max(whole, key=lambda z: z["accuracy"], default=None)
+        parts = sorted({a["model"] for a in r["assembly"] if component_of(a["model"])})
+        win = bool(r["status"] == "ok" and parts and r["measured_latency_ms"] <= budget
+                   and (best is None or r["accuracy"] > best["accuracy"]))
+        points.append({"budget_ms": budget, "status": r["status"], "chosen": [a["model"] for a in r["assembly"]],
+                       "components": parts, "measured_ms": r["measured_latency_ms"], "accuracy": r["accuracy"],
+                       "best_whole": best and best["model"], "best_whole_ms": best and best["latency_ms"],
+                       "best_whole_accuracy": best and best["accuracy"], "win": win,
+                       "test_images": r["data"]["splits"]["test"], "wall_s": time.perf_counter() - t0})
+        print(f"--classes {classes} budget {budget:.4f} ms: {' > '.join(points[-1]['chosen'])} "
+              f"{r['accuracy']:.4f} vs {best and best['model']} {best and best['accuracy']}", flush=True)
+    return {"classes": classes, "zoo_latency_ms": lat, "points": points}
+
+
+def markdown(doc: dict) -> list[str]:
+    lines = ["# Model LEGO: components against whole networks, and dery-compile --classes", "",
+             f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores_usable']} cores. Digits (distorted), "
+             "default thresholds (conv 0.3/0.2, linear 0.4/0.3), at least 32 confidently correct training samples "
+             "per class. Accuracy: test split, samples of the subset's classes, argmax over those classes. Random "
+             "control: the same units per dependency group chosen at random (3 seeds, mean). Wrong-class control: "
+             "the component located for as many other classes, its logits read as the task's. Latency: ONNX "
+             "Runtime CPU, 1 thread, batch 1, median of 200 runs. Components here are not parameter-scaled "
+             f"(scaling changes no argmax within one component). `round 8`: kept channels rounded up to multiples "
+             f"of {defaults.LEGO_ROUND_TO} (the default); `exact`: as located (`--round-to 1`).", ""]
+    rows = doc.get("table", [])
+    if rows:
+        lines += ["| model | px | classes | kept params (round 8) | latency whole -> exact / round 8 (ms) | "
+                  "acc whole | acc component (exact) | acc random | acc wrong-class |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['resolution']} | {','.join(map(str, r['classes']))} | "
+                         f"{r['kept_params']:,} ({100 * r['kept_fraction']:.1f}%) | {r['whole_ms']:.3f} -> "
+                         f"{r['component_exact_ms']:.3f} / {r['component_ms']:.3f} | {100 * r['acc_whole']:.1f} | "
+                         f"{100 * r['acc_component']:.1f} ({100 * r['acc_component_exact']:.1f}) | "
+                         f"{100 * r['acc_random']:.1f} | {100 * r['acc_wrong']:.1f} |")
+        lines += ["", "## Per family (mean over subsets)", "",
+                  "| model | kept params | whole - component (points) | component - random (points) | "
+                  "latency component / whole: exact, round 8 | within 5 points at <= 40% params | "
+                  "beats random by >= 8 points |", "|---|---|---|---|---|---|---|"]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            rs = [r for r in rows if r["model"] == model]
+            kept = float(np.mean([r["kept_fraction"] for r in rs]))
+            gap = 100 * float(np.mean([r["acc_whole"] - r["acc_component"] for r in rs]))
+            lift = 100 * float(np.mean([r["acc_component"] - r["acc_random"] for r in rs]))
+            ratio = [float(np.mean([r[k] / r["whole_ms"] for r in rs])) for k in ("component_exact_ms",
+                                                                                   "component_ms")]
+            lines.append(f"| {model} | {100 * kept:.1f}% | {gap:.1f} | {lift:.1f} | {ratio[0]:.2f}, {ratio[1]:.2f} | "
+                         f"{'yes' if gap <= 5 and kept <= 0.4 else 'no'} | {'yes' if lift >= 8 else 'no'} |")
+    for st in doc.get("study", []):
+        wins = sum(p["win"] for p in st["points"])
+        lines += ["", f"## dery-compile --classes {st['classes']} (default zoo, K = 4, --finetune none)", "",
+                  "Zoo as measured in this run (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                   sorted(st["zoo_latency_ms"].items(),
+                                                                          key=lambda kv: kv[1])) + ".", "",
+                  "| budget (ms) | dery-compile's choice | measured (ms) | acc on the classes | best whole member "
+                  "that fits | its acc | component-based win |", "|---|---|---|---|---|---|---|"]
+        for p in st["points"]:
+            best = "none" if p["best_whole"] is None else f"{p['best_whole']} ({p['best_whole_ms']:.3f} ms)"
+            lines.append(f"| {p['budget_ms']:.4f} | {' > '.join(p['chosen']) or p['status']} | "
+                         f"{common.pct(None) if p['measured_ms'] is None else format(p['measured_ms'], '.4f')} | "
+                         f"{common.pct(p['accuracy'])} | {best} | {common.pct(p['best_whole_accuracy'])} | "
+                         f"{'yes' if p['win'] else 'no'} |")
+        lines += ["", f"Component-based wins: {wins} of {len(st['points'])} budgets "
+                      f"({st['points'][0]['test_images']} test images of these classes)."]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("table", "compile", "all"), default="all")
+    args = parser.parse_args()
+    path = common.RESULTS / f"{NAME}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc["machine"] = common.machine("torch", "onnxruntime", "torch-pruning")
+    if args.part in ("table", "all"):
+        doc["table"] = table()
+        common.write_results(NAME, doc, markdown(doc))
+    if args.part in ("compile", "all"):
+        doc["study"] = []
+        with tempfile.TemporaryDirectory() as work:
+            for classes in STUDY_SUBSETS:
+                doc["study"].append(study(classes, Path(work) / classes))
+                common.write_results(NAME, doc, markdown(doc))
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

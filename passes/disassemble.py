@@ -32,8 +32,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dery import defaults
+from dery import defaults, progress
 from dery.errors import USAGE, DeryError
+
+PART = "@part"  # suffix of a component's name in `dery-compile --classes`
+
+
+def component_of(name: str) -> str | None:
+    """The member whose component a `dery-compile --classes` zoo member is (None for a whole member)."""
+    return name[:-len(PART)] if name.endswith(PART) else None
 
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                "normalized_shape")
@@ -337,9 +344,23 @@ def _keep(size: int, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def rounded(keep: torch.Tensor, root: nn.Module, round_to: int) -> torch.Tensor:
+    """`keep` with as many more channels as bring it to a multiple of `round_to`: the root's largest-norm ones."""
+    short = -int(keep.sum()) % round_to
+    if not short or bool(keep.all()):
+        return keep
+    weight = root.weight.detach()
+    norm = weight.abs().flatten(1).sum(1) if weight.shape[0] == len(keep) else torch.zeros(len(keep))
+    norm = norm.masked_fill(keep, -1.0)
+    extra = torch.argsort(norm, descending=True, stable=True)[:min(short, int((~keep).sum()))]
+    return keep | _keep(len(keep), extra)
+
+
 def prune_to(net: nn.Module, example: torch.Tensor, out_need: dict[str, torch.Tensor],
-             in_need: dict[str, torch.Tensor], classifier: str, classes: Sequence[int], label: str) -> None:
-    """Remove, in place, every channel no member of its dependency group needs; the classifier keeps `classes`."""
+             in_need: dict[str, torch.Tensor], classifier: str, classes: Sequence[int], label: str,
+             round_to: int = defaults.LEGO_ROUND_TO) -> None:
+    """Remove, in place, every channel no member of its dependency group needs (kept ones rounded up to a
+    multiple of `round_to`); the classifier keeps `classes`."""
     modules = dict(net.named_modules())
     head = modules[classifier]
     out_need = {**out_need, classifier: _keep(head.weight.shape[0], list(classes))}
@@ -363,7 +384,7 @@ def prune_to(net: nn.Module, example: torch.Tensor, out_need: dict[str, torch.Te
                     keep[r] = True
         if not bool(keep.any()):
             keep[0] = True
-        return keep
+        return rounded(keep, root, round_to)
 
     try:
         _prune_groups(net, example, needed)
@@ -423,8 +444,9 @@ def unit_counts(net: nn.Module) -> dict[str, int]:
 
 def disassemble(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int],
                 class_names: Sequence[str], thresholds: Thresholds = Thresholds(), *, share: float = 0.01,
-                minimum: int = 32, label: str = "network") -> Component:
-    """The component of a `Normalized` classifier for `classes`, located on the given training images."""
+                minimum: int = 32, label: str = "network", round_to: int = defaults.LEGO_ROUND_TO) -> Component:
+    """The component of a `Normalized` classifier for `classes`, located on the given training images, its kept
+    channels per dependency group rounded up to a multiple of `round_to` (1: as located)."""
     net = module.net
     _check_cnn(net, label)
     classes = tuple(sorted(classes))
@@ -436,7 +458,7 @@ def disassemble(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
         p.requires_grad_(False)
     with torch.no_grad():
         example = (images[:1] - module.mean) / module.std
-    prune_to(comp.net, example, out_need, in_need, head, classes, label)
+    prune_to(comp.net, example, out_need, in_need, head, classes, label, round_to)
     with torch.no_grad():
         out = comp(images[:2])
     if out.shape != (2, len(classes)):
@@ -480,6 +502,72 @@ def task_accuracy(module: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return float((pred == y).float().mean())
 
 
+def located(net: Any, data: Any, classes: Sequence[int], names: Sequence[str], thresholds: Thresholds = Thresholds(),
+            *, samples: int = defaults.LEGO_SAMPLES, scale: bool = True, round_to: int = defaults.LEGO_ROUND_TO
+            ) -> tuple[Component, dict[str, Any]]:
+    """A zoo member's component for `classes`, located on the train split and (unless `scale` is off) with its
+    logits scaled on the train split, and the dery checkpoint that holds it."""
+    from .lego import apply_scale, calibrate_scale, component_checkpoint
+
+    train = data.split("train")
+    comp = disassemble(net.module, data.images("train"), train.labels, classes, names, thresholds,
+                       minimum=samples, label=net.name, round_to=round_to)
+    factors = calibrate_scale(comp, data.images("train"), train.labels) if scale else None
+    if factors is not None:
+        apply_scale(comp.module.net, comp.classifier, factors)
+    return comp, component_checkpoint(comp, net.spec, net.num_classes, net.input_shape[-1], factors)
+
+
+def sliced(module: nn.Module, classes: Sequence[int]) -> nn.Module:
+    """A copy of a whole `Normalized` classifier whose classifier keeps the rows of `classes` alone."""
+    import torch_pruning as tp
+
+    out = copy.deepcopy(module)
+    head = out.net.get_submodule(classifier_name(out.net))
+    tp.prune_linear_out_channels(head, idxs=[i for i in range(head.out_features) if i not in set(classes)])
+    return out
+
+
+def class_zoo(zoo: Sequence[Any], data: Any, request: str | Sequence[str], cache: Any,
+              thresholds: Thresholds = Thresholds()) -> tuple[tuple[Any, ...], Any, tuple[int, ...]]:
+    """`dery-compile --classes`: every member whole (its classifier cut to the classes) and as its component
+    (`NAME@part`, located and scaled on the train split; cached), the data restricted to the classes, and
+    the classes' indices in the data's order."""
+    from dery.cache import content_key
+    from dery.zoo import as_network
+
+    from .lego import module_from_checkpoint
+
+    classes = parse_classes(request, data.classes if data.labelled else None)
+    for n in zoo:
+        names = member_class_names(n.spec, data)
+        if names is None or tuple(names) != tuple(data.classes):
+            why = ("records no class names" if names is None
+                   else f"has classes {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}")
+            raise DeryError(f"--classes: member {n.name} {why}, not the data's ({', '.join(data.classes[:5])}"
+                            f"{', ...' if data.num_classes > 5 else ''}); its logits cannot be matched to the "
+                            f"classes", exit_code=USAGE)
+    out = []
+    for n in zoo:
+        out.append(as_network(n.name, n.spec, sliced(n.module, classes)))
+        key = content_key("component", n.weights_key, classes, thresholds, data.fingerprint, defaults.LEGO_ROUND_TO, 1)
+
+        def make(n: Any = n) -> dict[str, Any]:
+            try:
+                return located(n, data, classes, data.classes, thresholds)[1]
+            except DeryError as e:  # this member cannot be disassembled; the refusal is cached like a component
+                return {"refused": str(e)}
+
+        ckpt = cache.get_or_make("lego", f"{n.name}-{key}", ".pt", make=make, save=lambda c, p: torch.save(c, p),
+                                 load=lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                                 what="component")
+        if "refused" in ckpt:
+            progress.say(f"{ckpt['refused']}; it takes part whole only")
+            continue
+        out.append(as_network(f"{n.name}{PART}", n.spec, module_from_checkpoint(ckpt)))
+    return tuple(out), data.only(classes), classes
+
+
 # ---------------------------------------------------------------------------------------------------- command
 
 
@@ -515,7 +603,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     from dery.data import load_data
     from dery.zoo import input_shape, load_member
 
-    from .lego import apply_scale, calibrate_scale, component_checkpoint, save_checkpoint
+    from .lego import save_checkpoint
 
     thresholds = Thresholds(args.conv_alpha, args.conv_beta, args.linear_alpha, args.linear_beta)
     if args.samples < 1:
@@ -538,13 +626,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     if net.num_classes != len(names):
         raise DeryError(f"{args.model} has {net.num_classes} outputs but {len(names)} class names; its classes "
                         f"cannot be matched", exit_code=USAGE)
-    train = data.split("train")
-    comp = disassemble(net.module, data.images("train"), train.labels, classes, names, thresholds,
-                       minimum=args.samples, label=net.name)
-    scale = None if args.no_scale else calibrate_scale(comp, data.images("train"), train.labels)
-    if scale is not None:
-        apply_scale(comp.module.net, comp.classifier, scale)
-    ckpt = component_checkpoint(comp, net.spec, net.num_classes, net.input_shape[-1], scale)
+    comp, ckpt = located(net, data, classes, names, thresholds, samples=args.samples, scale=not args.no_scale,
+                         round_to=args.round_to)
     save_checkpoint(out, ckpt)
     test = data.split("test")
     acc_whole = task_accuracy(net.module, data.images("test"), test.labels, classes)

@@ -72,6 +72,8 @@ def _compile_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="latency budget of the compiled engine in milliseconds (hard constraint)")
     _zoo_args(p)
     p.add_argument("--out", type=Path, default=Path(defaults.OUT), help=f"output directory (default {defaults.OUT}/)")
+    p.add_argument("--classes", help="compile a classifier for these classes only (comma-separated indices or "
+                                     "names): every member takes part whole and as its Model LEGO component")
     p.add_argument("--params-limit", type=non_negative, help="optional upper bound on parameters")
     p.add_argument("--flops-limit", type=non_negative, help="optional upper bound on FLOPs")
     p.add_argument("--memory-limit-mb", type=non_negative,
@@ -107,7 +109,8 @@ def _config(args: argparse.Namespace):
     from .driver import CompileConfig
 
     return CompileConfig(target=args.target, latency_ms=args.latency_ms, zoo=args.zoo, data=args.data, out=args.out,
-                         k=args.k, balance=args.balance, slack=args.slack, similarity=args.similarity,
+                         classes=args.classes, k=args.k, balance=args.balance, slack=args.slack,
+                         similarity=args.similarity,
                          probe=args.probe, predictor=args.predictor, rerank=args.rerank, top=args.top,
                          params_limit=args.params_limit, flops_limit=args.flops_limit,
                          memory_limit_mb=args.memory_limit_mb, max_rounds=args.max_rounds,
@@ -336,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=defaults.LEGO_SAMPLES,
                    help=f"at least this many confidently correct training samples per class "
                         f"(default {defaults.LEGO_SAMPLES})")
+    p.add_argument("--round-to", type=positive_int, default=defaults.LEGO_ROUND_TO,
+                   help=f"keep a multiple of this many channels per dependency group, adding the largest-norm ones "
+                        f"(default {defaults.LEGO_ROUND_TO}, the CPU kernels' block; 1 keeps exactly the located ones)")
     p.add_argument("--no-scale", action="store_true", help="skip parameter scaling of the logits")
     _common(p)
     p.set_defaults(handler=cmd_disassemble)

@@ -11,7 +11,7 @@ the report).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +70,22 @@ class Dataset:
         """All float images of a split in [0, 1] (at most `limit`)."""
         s = self.splits[split]
         return s.images[:limit].float().div_(255.0)
+
+    def only(self, classes: Sequence[int]) -> Dataset:
+        """The samples of `classes` alone, relabelled 0..n-1 in the order given (every split; labelled data)."""
+        if not self.labelled:
+            raise DeryError(f"data {self.name} has no labels, so it cannot be restricted to some classes",
+                            exit_code=USAGE)
+        keep = torch.tensor(list(classes), dtype=torch.int64)
+        relabel = torch.full((self.num_classes,), -1, dtype=torch.int64)
+        relabel[keep] = torch.arange(len(keep))
+        splits = {}
+        for name, s in self.splits.items():
+            mask = torch.isin(s.labels, keep)
+            splits[name] = Split(s.images[mask], relabel[s.labels[mask]])
+        names = tuple(self.classes[c] for c in classes)
+        return Dataset(f"{self.name}[{','.join(names)}]", content_key(self.fingerprint, "classes", list(classes)),
+                       self.resolution, names, splits)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:

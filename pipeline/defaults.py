@@ -39,6 +39,9 @@ SHIPPED_WEIGHTS = Path(__file__).parent / "weights"  # the default zoo's members
 CONV_ALPHA, CONV_BETA = 0.3, 0.2
 LINEAR_ALPHA, LINEAR_BETA = 0.4, 0.3
 LEGO_SAMPLES = 32
+# Kept channels per dependency group are rounded up to a multiple of this (the largest-norm extra ones), since
+# ONNX Runtime's CPU convolutions run on 8-channel blocks (benchmarks/bench_lego.py measures 1 against 8).
+LEGO_ROUND_TO = 8
 
 # Deep Incubation: the weight of the output anchor (0: the paper's plain incubation; see pipeline/incubate.py),
 # epochs of each stage and the learning rate (the CNN rows of benchmarks/results/incubation.md), and the meta

@@ -54,6 +54,7 @@ class CompileConfig:
     latency_ms: float
     zoo: str | None = None
     data: Path | None = None
+    classes: str | None = None  # `--classes`: compile for these classes, from every member whole and as component
     out: Path = Path(defaults.OUT)
     k: int = defaults.K
     balance: str = defaults.BALANCE
@@ -151,6 +152,11 @@ def _zoo(s: Session) -> None:
     specs = parse_zoo(s.config.zoo)
     s.data = load_data(s.config.data, native_resolution(specs), probe=s.config.probe, seed=s.config.seed)
     s.zoo = load_zoo(specs, s.data, s.cache)
+    if s.config.classes is not None:
+        from dery.passes.disassemble import class_zoo
+
+        with stage("disassemble", s.timings):
+            s.zoo, s.data, _ = class_zoo(s.zoo, s.data, s.config.classes, s.cache)
 
 
 def _lower(s: Session) -> None:
@@ -219,8 +225,8 @@ def _proxy(s: Session) -> None:
 FRONT: tuple[tuple[str, Callable[[Session], None]], ...] = (
     ("zoo", _zoo), ("lower", _lower), ("partition", _partition), ("stitch", _stitch), ("profile", _profile),
     ("calibrate", _calibrate), ("proxy", _proxy))
-PASSES = ("zoo", "lower", "similarity", "partition", "stitch", "profile", "calibrate", "proxy", "solve", "assemble",
-          "repair", "compile", "verify", "report")
+PASSES = ("zoo", "disassemble", "lower", "similarity", "partition", "stitch", "profile", "calibrate", "proxy",
+          "solve", "assemble", "repair", "compile", "verify", "report")
 
 
 def front(cfg: CompileConfig, until: str = "proxy") -> Session:
@@ -253,8 +259,14 @@ def run_compile(cfg: CompileConfig) -> dict:
     if not cfg.latency_ms > 0:
         raise DeryError(f"--latency-ms must be a positive number of milliseconds, got {cfg.latency_ms}",
                         exit_code=USAGE)
+    fresh = not cfg.out.exists()
     out = prepare_out(cfg.out)
-    s = front(cfg)
+    try:
+        s = front(cfg)
+    except DeryError:
+        if fresh and not any(out.iterdir()):  # a user error before any work leaves nothing behind
+            out.rmdir()
+        raise
     workdir = Path(tempfile.mkdtemp(prefix=".dery-", dir=out))
     try:
         return _closed_loop(cfg, s, Search(s, workdir), out)
@@ -319,6 +331,7 @@ def facts(search: Search, final: Result) -> Facts:
     budget, after the same repair) and the assembly (as is and repaired), scored on test."""
     from dery.evaluate import accuracy, has_labels
     from dery.passes.assemble import assemble
+    from dery.passes.disassemble import component_of
     from dery.report import Facts
 
     s = search.s
@@ -333,7 +346,8 @@ def facts(search: Search, final: Result) -> Facts:
         params, flops = lw.cost(None, None)
         rec = s.costs.networks[n.name]
         fits = rec.median_ms <= s.config.latency_ms
-        members.append({"model": n.name, "arch": n.spec.arch, "latency_ms": rec.median_ms,
+        members.append({"model": n.name, "arch": n.spec.arch, "component_of": component_of(n.name),
+                        "latency_ms": rec.median_ms,
                         "latency_p90_ms": rec.p90_ms, "params": params, "flops": flops, "estimated": rec.estimated,
                         "fits": fits, "accuracy": score(n.module),
                         "accuracy_repaired": score(search.repaired((n.name,) * s.partition.k).module)
@@ -341,6 +355,7 @@ def facts(search: Search, final: Result) -> Facts:
     as_is = score(assemble(s.lowered, s.partition, s.stitches, final.models)[1])
     return Facts(s.target, s.config.latency_ms, tuple(s.zoo[0].input_shape),
                  {"name": s.data.name, "resolution": s.data.resolution,
+                  "classes": list(s.data.classes) if s.config.classes is not None else None,
                   "splits": {k: len(v) for k, v in s.data.splits.items()}, "labelled": labelled},
                  s.partition, {"predictor": s.quality.predictor, "labels": s.quality.labels,
                                "rerank": s.config.rerank},

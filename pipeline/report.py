@@ -163,8 +163,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "| stitch after set | from | to | kind | held-out R^2 | params |", "|---|---|---|---|---|---|"]
         lines += [f"| {s['boundary']} | {s['from']} | {s['to']} | {s['kind']} | {s['r2']:.3f} | {_fmt(s['params'])} |"
                   for s in r["stitches"]]
-    lines += ["", "## Zoo (each member measured end to end the same way)", "",
-              "| model | architecture | latency (ms) | fits | params | FLOPs | test accuracy | after the same repair |",
+    lines += ["", "## Zoo (each member measured end to end the same way)", ""]
+    if r["data"].get("classes"):
+        lines += [f"For the classes {', '.join(r['data']['classes'])} only: every member takes part whole (its "
+                  f"classifier cut to those classes) and as its Model LEGO component (`NAME@part`); accuracy is on "
+                  f"those classes' test images.", ""]
+    lines += ["| model | architecture | latency (ms) | fits | params | FLOPs | test accuracy | after the same repair |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {z['model']} | {z['arch']} | {_fmt(z['latency_ms'])}{' (est.)' if z['estimated'] else ''} | "
               f"{_yes(z['fits'])} | {_fmt(z['params'])} | {_fmt(z['flops'])} | {_pct(z['accuracy'])} | "

@@ -15,7 +15,9 @@ from dery.passes.disassemble import (
     disassemble,
     parse_classes,
     random_component,
+    rounded,
     task_accuracy,
+    unit_counts,
 )
 from dery.passes.lego import (
     _image_consumers,
@@ -164,6 +166,31 @@ def test_scaling_recovers_a_misscaled_component(resnet, data):
     after = union_acc(calibrate_scale(a, x, y), calibrate_scale(b, x, y))
     assert after >= before + 0.15, (before, after)
     assert after >= 0.8
+
+
+def test_rounding_adds_the_largest_norm_dropped_channels():
+    conv = nn.Conv2d(1, 6, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0, 6.0]).view(6, 1, 1, 1))
+    keep = torch.tensor([True, False, False, False, False, True])
+    assert rounded(keep, conv, 4).tolist() == [True, False, True, False, True, True]  # norms 4 and 3 join
+    assert rounded(keep, conv, 2).tolist() == keep.tolist() and rounded(keep, conv, 1).tolist() == keep.tolist()
+    assert rounded(keep, conv, 8).all()  # no more channels than the group has
+
+
+def test_kept_channels_are_multiples_of_the_kernel_block(resnet, data):
+    x, y = _split(data, "train")
+    exact = disassemble(resnet.module, x, y, (0, 3), data.classes, round_to=1)
+    comp = disassemble(resnet.module, x, y, (0, 3), data.classes)
+    whole = unit_counts(resnet.module.net)
+    assert comp.kept_units[comp.classifier] == exact.kept_units[comp.classifier] == 2
+    grown = 0
+    for name, n in comp.kept_units.items():
+        if name != comp.classifier:
+            assert n % 8 == 0 or n == whole[name], (name, n)
+            assert exact.kept_units[name] <= n < exact.kept_units[name] + 8, name
+            grown += n > exact.kept_units[name]
+    assert grown > 0 and exact.kept_params < comp.kept_params
 
 
 def test_bad_input_is_one_clear_error(data, tmp_path):

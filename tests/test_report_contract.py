@@ -17,7 +17,8 @@ NULL = type(None)
 BLOCK = {"set": int, "model": str, "first": (str, NULL), "last": (str, NULL), "params": int, "flops": int,
          "activation_bytes": int}
 STITCH = {"boundary": int, "from": str, "to": str, "kind": str, "r2": NUM, "params": int, "flops": int}
-MEMBER = {"model": str, "arch": str, "latency_ms": NUM, "latency_p90_ms": NUM, "params": int, "flops": int,
+MEMBER = {"model": str, "arch": str, "component_of": (str, NULL), "latency_ms": NUM, "latency_p90_ms": NUM,
+          "params": int, "flops": int,
           "estimated": bool, "fits": bool, "accuracy": (float, NULL), "accuracy_repaired": (float, NULL)}
 ROUND = {"round": int, "limit_ms": NUM, "chosen": list, "predicted_ms": NUM, "measured_ms": (*NUM, NULL),
          "p90_ms": (*NUM, NULL), "cv": (*NUM, NULL), "within_budget": (bool, NULL), "score": NUM, "proxy": NUM}
@@ -29,7 +30,7 @@ REPORT = {
     "params": int, "flops": int, "activation_mb": NUM, "accuracy": (float, NULL), "predicted_accuracy": (float, NULL),
     "quality": {"predictor": str, "labels": str, "rerank": str, "proxy": NUM, "objective": NUM},
     "accuracy_as_is": (float, NULL), "repair": dict, "budget_used": (*NUM, NULL), "member": (str, NULL),
-    "data": {"name": str, "resolution": int, "splits": dict, "labelled": bool},
+    "data": {"name": str, "resolution": int, "classes": (list, NULL), "splits": dict, "labelled": bool},
     "partition": {"k": int, "balance": str, "objective": NUM, "boundaries": dict},
     "zoo": [MEMBER], "rounds": [ROUND], "pareto": (list, NULL),
     "latency_pieces": {"search_space": int, "asked": int},
