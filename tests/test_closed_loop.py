@@ -83,6 +83,7 @@ def test_a_reading_off_its_prediction_that_repeats_is_trusted(engine, isolated_c
     assert len(calls) == 2 and (t.median_ms, t.noisy) == (1.0, False)
 
 
+@pytest.mark.slow  # four closed-loop rounds of compile and measure (measured: 71 s on 2 cores)
 def test_an_engine_over_budget_in_every_round_exits_1_with_its_status(tiny, tmp_path, monkeypatch, capsys):
     import dery.passes.verify as verify
 

@@ -93,6 +93,7 @@ def test_inspect_json_and_its_errors() -> None:
     assert "unknown model 'resnet5O'" in one_line(r.stderr)
 
 
+@pytest.mark.slow  # a whole compile through the CLI, then dery bench (measured: 40 s on 2 cores)
 def test_compile_then_bench_the_engine(tiny, tmp_path) -> None:
     lat = sorted(r.median_ms for r in tiny.costs.networks.values())
     budget = (lat[0] + lat[-1]) / 2

@@ -114,6 +114,7 @@ def test_over_budget_report(tiny, budget, tmp_path, monkeypatch) -> None:
     assert [b["model"] for b in report["assembly"]] == rounds[1]["chosen"]
 
 
+@pytest.mark.slow  # a second compile, estimated (measured: 80 s on 2 cores); the ok report stays by default
 def test_estimated_report(tiny, tmp_path) -> None:
     from dery.backends import availability
     from dery.targets import get_target
