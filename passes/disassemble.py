@@ -529,10 +529,9 @@ def sliced(module: nn.Module, classes: Sequence[int]) -> nn.Module:
 
 
 def class_zoo(zoo: Sequence[Any], data: Any, request: str | Sequence[str], cache: Any,
-              thresholds: Thresholds = Thresholds()) -> tuple[tuple[Any, ...], Any, tuple[int, ...]]:
+              thresholds: Thresholds = Thresholds()) -> tuple[tuple[Any, ...], Any]:
     """`dery-compile --classes`: every member whole (its classifier cut to the classes) and as its component
-    (`NAME@part`, located and scaled on the train split; cached), the data restricted to the classes, and
-    the classes' indices in the data's order."""
+    (`NAME@part`, located and scaled on the train split; cached), and the data restricted to the classes."""
     from dery.cache import content_key
     from dery.zoo import as_network
 
@@ -565,7 +564,7 @@ def class_zoo(zoo: Sequence[Any], data: Any, request: str | Sequence[str], cache
             progress.say(f"{ckpt['refused']}; it takes part whole only")
             continue
         out.append(as_network(f"{n.name}{PART}", n.spec, module_from_checkpoint(ckpt)))
-    return tuple(out), data.only(classes), classes
+    return tuple(out), data.only(classes)
 
 
 # ---------------------------------------------------------------------------------------------------- command

@@ -156,7 +156,7 @@ def _zoo(s: Session) -> None:
         from dery.passes.disassemble import class_zoo
 
         with stage("disassemble", s.timings):
-            s.zoo, s.data, _ = class_zoo(s.zoo, s.data, s.config.classes, s.cache)
+            s.zoo, s.data = class_zoo(s.zoo, s.data, s.config.classes, s.cache)
 
 
 def _lower(s: Session) -> None:
