@@ -1,14 +1,21 @@
-"""assemble: the chosen blocks and stitches as one runnable nn.Module."""
+"""assemble: the chosen blocks and stitches as one runnable nn.Module, and its checkpoint (which `--zoo` and
+`dery incubate` load)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-from dery.errors import DeryError
+from dery.errors import USAGE, DeryError
 from dery.ir import Assembly, Partition
 from dery.passes.lower import Lowered
-from dery.passes.stitch import Stitches
+from dery.passes.stitch import Stitches, StitchModule
+
+if TYPE_CHECKING:
+    from dery.zoo import Network, Normalized
+
+ASSEMBLY_ARCH = "dery-assembly"  # the `arch` of an assembly checkpoint: blocks of zoo members and their stitches
 
 
 class Assembled(nn.Module):
@@ -49,3 +56,86 @@ def assemble(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches,
         parts.append(by_name[m].segment(block.first, block.last))
         labels.append(f"{m}[{k}]")
     return Assembly(tuple(models), tuple(blocks), tuple(chosen)), Assembled(parts, labels).eval()
+
+
+# ------------------------------------------------------------------------------------------------- checkpoint
+
+
+def member_entry(network: Network) -> dict[str, Any]:
+    """What rebuilds one zoo member exactly: its timm architecture, every layer's channel counts (a pruned or
+    class-cut member has its own) and its tensors."""
+    from dery.passes.disassemble import structure_of
+    from dery.passes.lego import Branches
+    from dery.zoo import _timm
+
+    net = network.module.net
+    if isinstance(net, (Assembled, Branches)) or not _timm().is_model(network.spec.arch):
+        raise DeryError(f"member {network.name} ({type(net).__name__}) is not a timm architecture, so an assembly "
+                        f"checkpoint cannot rebuild it")
+    return {"arch": network.spec.arch, "kwargs": [list(kv) for kv in network.spec.kwargs],
+            "resolution": network.input_shape[-1], "num_classes": network.num_classes,
+            "mean": network.module.mean.flatten().tolist(), "std": network.module.std.flatten().tolist(),
+            "structure": structure_of(net), "state_dict": net.state_dict()}
+
+
+def member_from_entry(name: str, entry: dict[str, Any]) -> Network:
+    """A zoo member rebuilt from its `member_entry`."""
+    from dery.passes.disassemble import restructure
+    from dery.zoo import MemberSpec, Normalized, _timm, as_network
+
+    kwargs = tuple(tuple(kv) for kv in entry["kwargs"])
+    spec = MemberSpec(name, entry["arch"], "assembly", kwargs, None, entry["resolution"])
+    net = _timm().create_model(entry["arch"], num_classes=int(entry["num_classes"]),
+                               **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs})
+    restructure(net, entry["structure"], entry["state_dict"])
+    return as_network(name, spec, Normalized(net, tuple(entry["mean"]), tuple(entry["std"])))
+
+
+def assembly_checkpoint(zoo: Sequence[Lowered], assembly: Assembly, module: Assembled,
+                        classes: Sequence[str]) -> dict[str, Any]:
+    """A dery checkpoint of an assembly (`--zoo` and `dery incubate` load it): its members, blocks and stitches,
+    and the assembled network's own tensors (trained, when it was repaired)."""
+    from dery.zoo import CHECKPOINT_FORMAT
+
+    by_name = {lw.name: lw.network for lw in zoo}
+    first = by_name[assembly.models[0]]
+    return {"format": CHECKPOINT_FORMAT, "name": "+".join(assembly.models), "arch": ASSEMBLY_ARCH, "kwargs": [],
+            "resolution": first.input_shape[-1], "num_classes": first.num_classes, "classes": list(classes),
+            "class_index": list(range(len(classes))), "mean": [0.0] * first.input_shape[0],
+            "std": [1.0] * first.input_shape[0],
+            "assembly": {"members": {m: member_entry(by_name[m]) for m in dict.fromkeys(assembly.models)},
+                         "models": list(assembly.models), "blocks": [[b.first, b.last] for b in assembly.blocks],
+                         "stitches": [None if p is None else [p.src.name, p.dst.name]
+                                      for p in _stitch_parts(module, assembly)]},
+            "state_dict": module.state_dict()}
+
+
+def _stitch_parts(module: Assembled, assembly: Assembly) -> list[StitchModule | None]:
+    parts = iter(p for p, label in zip(module.parts, module.labels) if label.startswith("stitch "))
+    return [None if s is None else next(parts) for s in assembly.stitches]
+
+
+def module_from_assembly(ckpt: dict[str, Any]) -> Normalized:
+    """The network of an assembly checkpoint: its members rebuilt and lowered, their blocks cut again, its
+    stitches rebuilt, and the checkpoint's tensors loaded (strictly)."""
+    from dery.passes.lower import lower
+    from dery.zoo import Normalized
+
+    spec = ckpt["assembly"]
+    lowered = {m: lower(member_from_entry(m, e)) for m, e in spec["members"].items()}
+    parts, labels = [], []
+    for k, (m, (first, last)) in enumerate(zip(spec["models"], spec["blocks"])):
+        if k > 0 and spec["stitches"][k - 1] is not None:
+            src, dst = spec["stitches"][k - 1]
+            prev = spec["models"][k - 1]
+            parts.append(StitchModule(lowered[prev].cut(src), lowered[m].cut(dst)))
+            labels.append(f"stitch {prev}>{m}")
+        parts.append(lowered[m].segment(first, last))
+        labels.append(f"{m}[{k}]")
+    net = Assembled(parts, labels)
+    try:
+        net.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise DeryError(f"assembly checkpoint {ckpt['name']} does not fit the network its members rebuild: "
+                        f"{str(e).splitlines()[0][:200]}", exit_code=USAGE) from e
+    return Normalized(net, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()

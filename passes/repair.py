@@ -57,8 +57,11 @@ def repair(module: Assembled, kind: str, epochs: int, data: Dataset, labels: tor
     elif kind == "e2e":
         out, log = fine_tune(module, data, labels, epochs, seed=seed)
     else:
-        out, report = incubate_repair(assembly_modules(copy.deepcopy(module)), data, run_dir, epochs_module=epochs,
-                                      epochs_finetune=epochs, seed=seed)
+        out = copy.deepcopy(module)
+        parts = assembly_modules(out)
+        tuned, report = incubate_repair(parts, data, run_dir, epochs_module=epochs, epochs_finetune=epochs, seed=seed)
+        for part, done in zip(parts, tuned.parts):  # the network keeps its own layout (and engine graph)
+            part.load_state_dict(done.state_dict())
         log = {"meta": report["meta"]}
     out.eval()
     return Repaired(out, {"kind": kind if epochs else "none", "epochs": epochs if kind != "none" else 0, **log},

@@ -67,9 +67,10 @@ def to_grid(x: torch.Tensor, cut: CutPoint) -> tuple[torch.Tensor, torch.Tensor 
     return grid, (x[:, :p] if p else None)
 
 
-def resample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize a grid to `size`: average pooling by an exact integer factor, bilinear otherwise."""
-    h, w = grid.shape[-2:]
+def resample(grid: torch.Tensor, src: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Resize a grid from `src` to `size`: average pooling by an exact integer factor, bilinear otherwise (the
+    sizes are the cut points' own, so torch.fx traces a stitch)."""
+    h, w = src
     if (h, w) == tuple(size):
         return grid
     if h % size[0] == 0 and w % size[1] == 0 and h // size[0] == w // size[1]:
@@ -98,7 +99,7 @@ class StitchModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid, prefix = to_grid(x, self.src)
-        y = F.conv2d(resample(grid, self.dst.grid), self.weight, self.bias)
+        y = F.conv2d(resample(grid, self.src.grid, self.dst.grid), self.weight, self.bias)
         if self.dst.layout == "nchw":
             return y
         if self.dst.layout == "nhwc":
@@ -189,7 +190,7 @@ class _Normal:
 
 def _stitch_inputs(src: CutPoint, dst: CutPoint, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     grid, prefix = to_grid(xs, src)
-    g = resample(grid, dst.grid).flatten(2).transpose(1, 2)
+    g = resample(grid, src.grid, dst.grid).flatten(2).transpose(1, 2)
     u = prefix_features(grid, prefix)[:, None, :] if dst.prefix_tokens else None
     return g, u
 

@@ -352,10 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_assemble)
     p = sub.add_parser("incubate", help="train a network as K modules in a shared meta model (Deep Model "
                                         "Assembling), module-parallel on torchrun")
-    p.add_argument("model", help="one network: a default-zoo name (e.g. resnet_wide), a dery checkpoint, "
-                                 "NAME=CHECKPOINT, NAME:random or a timm name")
+    p.add_argument("model", help="one network: a default-zoo name (e.g. resnet_wide), a dery checkpoint (an "
+                                 "assembly's too: dery-compile writes its answer as assembly.pt), NAME=CHECKPOINT, "
+                                 "NAME:random or a timm name")
     p.add_argument("--k", type=positive_int, default=defaults.K,
-                   help=f"modules, cut at the network's balanced boundary cuts (default {defaults.K})")
+                   help=f"modules, cut at the network's balanced boundary cuts; an assembly's modules are its "
+                        f"blocks, each with the stitch before it (default {defaults.K})")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="dery checkpoint to write (.pt; --zoo accepts it); the report goes to the same name .json")
     p.add_argument("--data", type=Path, help="ImageFolder directory (default: the embedded digits)")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import defaults, progress
 from .backends import availability
-from .cache import Cache, atomic_write_json, content_key, ensure_dir
+from .cache import Cache, atomic_write, atomic_write_json, content_key, ensure_dir
 from .data import Dataset, load_data
 from .errors import USAGE, DeryError, InternalError
 from .ir import Partition, from_json, to_json
@@ -31,6 +31,8 @@ from .problem import Problem, Solution
 from .profile_store import ProfileStore, group_of
 from .targets import Target, get_target
 from .zoo import Network, load_zoo, native_resolution, parse_zoo
+
+ASSEMBLY_FILE = "assembly.pt"  # the answer as a dery checkpoint, beside the engine
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -308,7 +310,7 @@ def _closed_loop(cfg: CompileConfig, s: Session, search: Search, out: Path) -> d
     if final is None:
         raise DeryError(f"no assembly fits: {status}")
     pareto = search.pareto_sweep() if cfg.pareto else None
-    return write_outputs(out, facts(search, final), final, rounds, status, pareto)
+    return write_outputs(out, facts(search, final), final, rounds, status, pareto, save_assembly(s, final, out))
 
 
 def _plan_only(cfg: CompileConfig, s: Session, search: Search, out: Path) -> dict:
@@ -323,7 +325,23 @@ def _plan_only(cfg: CompileConfig, s: Session, search: Search, out: Path) -> dic
               f"command (without --allow-estimates), or `dery profile --target {s.target.name}` there and merge "
               f"its table here")
     return write_outputs(out, facts(search, result), result,
-                         [result.round_json(0, cfg.latency_ms, cfg.latency_ms)], status, None)
+                         [result.round_json(0, cfg.latency_ms, cfg.latency_ms)], status, None,
+                         save_assembly(s, result, out))
+
+
+def save_assembly(s: Session, final: Result, out: Path) -> str | None:
+    """Write the answer (repaired) as an assembly checkpoint in `out` and return its name; None, said in one
+    line, when a member cannot be rebuilt from a checkpoint."""
+    import torch
+    from dery.passes.assemble import assembly_checkpoint
+
+    try:
+        ckpt = assembly_checkpoint(s.lowered, final.assembly, final.module, s.data.classes)
+    except DeryError as e:
+        progress.say(f"no {ASSEMBLY_FILE}: {e}")
+        return None
+    atomic_write(out / ASSEMBLY_FILE, lambda p: torch.save(ckpt, p))
+    return ASSEMBLY_FILE
 
 
 def facts(search: Search, final: Result) -> Facts:

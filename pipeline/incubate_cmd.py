@@ -21,7 +21,7 @@ from . import progress
 from .cache import Cache, atomic_write, atomic_write_json, ensure_dir
 from .data import Dataset, load_data
 from .errors import USAGE, DeryError
-from .incubate import Hybrid, frozen_meta, incubate_modules, tiny_meta
+from .incubate import Hybrid, assembly_modules, frozen_meta, incubate_modules, tiny_meta
 from .parallel import JOB, Job, check_nproc, launch, read_job, write_job
 from .zoo import MemberSpec, Network
 
@@ -41,6 +41,7 @@ class Target:
 
 def target_modules(job: Job) -> Target:
     """Rebuild the job's network and cut it into K modules; the same job gives the same modules."""
+    from .passes.assemble import Assembled
     from .passes.disassemble import resolve_member
     from .passes.lower import lower
     from .passes.partition import balanced_cuts
@@ -51,6 +52,13 @@ def target_modules(job: Job) -> Target:
     if not data.labelled:
         raise DeryError(f"incubation trains on labels and the data at {job.data} has none", exit_code=USAGE)
     network = load_member(spec, data, Cache())
+    if isinstance(network.module.net, Assembled):  # a dery assembly: its blocks, each with the stitch before it
+        modules = tuple(assembly_modules(network.module.net))
+        if len(modules) != job.k:
+            raise DeryError(f"{job.target} is an assembly of {len(modules)} blocks, which incubate as "
+                            f"{len(modules)} modules; give --k {len(modules)}", exit_code=USAGE)
+        blocks = [label for label in network.module.net.labels if not label.startswith("stitch ")]
+        return Target(spec, network, tuple(blocks[:-1]), modules, data)
     lowered = lower(network)
     cuts = balanced_cuts(lowered, job.k)
     ends = [None, *cuts, None]
@@ -116,11 +124,17 @@ def incubate_target(job: Job, *, nproc: int = 1, run_dir: Path | None = None) ->
 
 def write_outputs(target: Target, report: dict[str, Any], out: Path) -> Path:
     """The incubated network as a dery checkpoint at `out` and its report next to it (OUT.json)."""
-    from .zoo import save_trained
+    from .passes.assemble import Assembled
+    from .zoo import read_checkpoint, save_trained
 
     ensure_dir(out.parent if str(out.parent) else Path("."), "output directory")
     spec = dataclasses.replace(target.spec, name=f"{target.spec.name}-incubated")
-    atomic_write(out, lambda p: save_trained(target.network.module, spec, target.data, p))
+    net = target.network.module.net
+    if isinstance(net, Assembled):  # the assembly's own checkpoint, holding the incubated tensors
+        ckpt = {**read_checkpoint(Path(target.spec.weights)), "name": spec.name, "state_dict": net.state_dict()}
+        atomic_write(out, lambda p: torch.save(ckpt, p))
+    else:
+        atomic_write(out, lambda p: save_trained(target.network.module, spec, target.data, p))
     path = out.with_suffix(".json")
     atomic_write_json(path, {**report, "checkpoint": str(out)})
     return path

@@ -13,6 +13,7 @@ its module to `failed_<i>.txt`, which the launcher reports.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -50,8 +51,10 @@ class Job:
 
     def key(self) -> str:
         """What the run directory is named by: everything but the threads (they do not change the result
-        of one process, only how fast it runs)."""
-        return content_key("incubate", {k: v for k, v in dataclasses.asdict(self).items() if k != "threads"})
+        of one process, only how fast it runs), and the target file's contents when it names a file."""
+        target = Path(self.target).expanduser()
+        held = hashlib.sha256(target.read_bytes()).hexdigest() if target.is_file() else None
+        return content_key("incubate", {k: v for k, v in dataclasses.asdict(self).items() if k != "threads"}, held)
 
 
 def write_job(run_dir: Path, job: Job, todo: list[int]) -> None:

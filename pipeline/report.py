@@ -45,7 +45,7 @@ class Facts:
 
 
 def build_report(facts: Facts, final: Result, rounds: list[dict], status: str, pareto: list[dict] | None,
-                 engine_name: str) -> dict[str, Any]:
+                 engine_name: str, checkpoint: str | None = None) -> dict[str, Any]:
     """The report.json document."""
     a, t = final.assembly, final.timing
     stitches = [st for st in a.stitches if st is not None]
@@ -68,6 +68,7 @@ def build_report(facts: Facts, final: Result, rounds: list[dict], status: str, p
         "measured_cv": t.cv if t else None,
         "latency_estimated": facts.estimated,
         "engine": engine_name,
+        "checkpoint": checkpoint,
         "assembly": [{"set": k, "model": b.model, "first": b.first, "last": b.last, "params": b.params,
                       "flops": b.flops, "activation_bytes": b.activation_bytes} for k, b in enumerate(a.blocks)],
         "stitches": [{"boundary": st.boundary, "from": st.source, "to": st.target, "kind": st.kind,
@@ -139,7 +140,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"**Status:** {r['status']}",
         "",
         f"Engine `{r['engine']}` ({r['backend']} {r['backend_version']}, {r['precision']}, batch {r['batch']}, "
-        f"input {'x'.join(map(str, r['input_shape']))}) on {r['device']}.",
+        f"input {'x'.join(map(str, r['input_shape']))}) on {r['device']}."
+        + (f" The trained network: `{r['checkpoint']}` (a dery checkpoint; `--zoo` and `dery incubate` take it)."
+           if r.get("checkpoint") else ""),
         "",
         "| | latency (ms) | params | FLOPs | accuracy |",
         "|---|---|---|---|---|",
@@ -221,8 +224,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(out: Path, facts: Facts, final: Result, rounds: list[dict], status: str,
-                  pareto: list[dict] | None) -> dict[str, Any]:
-    """Move the engine into place and write report.json, report.md and the plot."""
+                  pareto: list[dict] | None, checkpoint: str | None = None) -> dict[str, Any]:
+    """Move the engine into place and write report.json, report.md and the plot (`checkpoint`: the name of the
+    assembly checkpoint already written in `out`)."""
     engine_name = f"model{final.engine.path.suffix}"
     engine_path = out / engine_name
     os.replace(final.engine.path, engine_path)
@@ -230,7 +234,7 @@ def write_outputs(out: Path, facts: Facts, final: Result, rounds: list[dict], st
     side["measured_latency_ms"] = final.measured_ms
     side["status"] = status
     atomic_write_json(engine_path.with_name(engine_name + ".json"), side)
-    report = build_report(facts, final, rounds, status, pareto, engine_name)
+    report = build_report(facts, final, rounds, status, pareto, engine_name, checkpoint)
     plot(report, out / PLOT)
     atomic_write_bytes(out / "report.md", markdown(report).encode())
     atomic_write_json(out / "report.json", report)

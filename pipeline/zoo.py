@@ -350,6 +350,10 @@ def _load_dery_checkpoint(spec: MemberSpec, path: Path) -> Normalized:
         from dery.passes.lego import module_from_checkpoint
 
         return module_from_checkpoint(ckpt)
+    if "assembly" in ckpt:
+        from dery.passes.assemble import module_from_assembly
+
+        return module_from_assembly(ckpt)
     net = _build(MemberSpec(spec.name, ckpt["arch"], "train", tuple(map(tuple, ckpt["kwargs"]))),
                  int(ckpt["num_classes"]))
     net.load_state_dict(ckpt["state_dict"])

@@ -162,3 +162,51 @@ def test_balanced_cuts_minimise_the_largest_share():
     for k in (2, 3, 4):
         best = min(worst(c) for c in itertools.combinations(names, k - 1))
         assert worst(balanced_cuts(lw, k)) == best
+
+
+def test_an_assembly_incubates_as_its_blocks_and_stays_an_assembly(tiny, tmp_path):
+    """`dery incubate` of a dery assembly: its K modules are its blocks, each with the stitch before it; the
+    checkpoint it writes is again an assembly that --zoo loads, with the same tensors (the architecture is
+    kept), computing the composition of the incubated modules (pure loading)."""
+    import copy
+
+    from dery.cache import Cache
+    from dery.incubate import assembly_modules
+    from dery.incubate_cmd import write_outputs
+    from dery.passes.assemble import assemble, assembly_checkpoint
+    from dery.passes.lower import lower
+    from dery.zoo import load_member, parse_zoo
+
+    k, joint = tiny.partition.k, tiny.stitches.items[0]
+    models = (joint.source,) * (joint.boundary + 1) + (joint.target,) * (k - joint.boundary - 1)
+    assembly, module = assemble(tiny.lowered, tiny.partition, tiny.stitches, models)
+    path = tmp_path / "asm.pt"
+    torch.save(assembly_checkpoint(tiny.lowered, assembly, module, tiny.data.classes), path)
+    (spec,) = parse_zoo(str(path))
+    net = load_member(spec, tiny.data, Cache())
+    x, y = tiny.data.images("test"), tiny.data.split("test").labels
+    with torch.no_grad():
+        assert torch.equal(net.module(x), module(x))
+    assert len(lower(net).boundary_cuts()) >= k - 1  # a zoo member like any other: it lowers and has cut points
+
+    with pytest.raises(DeryError, match=rf"is an assembly of {k} blocks, which incubate as {k} modules; "
+                                        rf"give --k {k}$"):
+        target_modules(Job(str(path), k + 1))
+    job = Job(str(path), k, meta="self", epochs_meta=0, epochs_module=1, epochs_finetune=0, threads=1)
+    target, report = incubate_target(job, run_dir=tmp_path / "run")
+    assert report["trained"] == [f"module {i}" for i in range(k)]
+    write_outputs(target, report, tmp_path / "inc.pt")
+    (spec2,) = parse_zoo(str(tmp_path / "inc.pt"))
+    out = load_member(spec2, tiny.data, Cache()).module
+    before, after = net.module.state_dict(), out.state_dict()
+    assert {n: t.shape for n, t in before.items()} == {n: t.shape for n, t in after.items()}
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    composed = assembly_modules(copy.deepcopy(net.module.net))
+    for i, m in enumerate(composed):
+        m.load_state_dict(_states(tmp_path / "run", k)[i])
+    with torch.no_grad():
+        want = x
+        for m in composed:
+            want = m(want)
+        assert torch.equal(out(x), want)
+    assert accuracy(out, x, y) == pytest.approx(report["finetuned_accuracy"], abs=1e-9)

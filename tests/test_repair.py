@@ -10,12 +10,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from dery.cache import Cache
 from dery.driver import CompileConfig, Search, run_compile
 from dery.passes.assemble import assemble
 from dery.passes.compile import compile_engine
 from dery.passes.repair import repair
 from dery.passes.stitch import StitchModule
 from dery.targets import get_target
+from dery.zoo import load_member, parse_zoo
 
 
 def switched(tiny) -> tuple[str, ...]:
@@ -101,6 +103,10 @@ def test_a_repaired_compile_is_deterministic_and_weighs_every_member_after_the_s
     assert one["member"] == (models[0] if len(set(models)) == 1 else None)
     repaired = search.repaired(models).module
     assert one["accuracy"] == pytest.approx(float((repaired(x).argmax(1) == y).float().mean()), abs=1e-9)
+    # The answer is also written as a checkpoint that --zoo loads: the repaired network, bit for bit.
+    (spec,) = parse_zoo(str(tmp_path / "one" / one["checkpoint"]))
+    with torch.no_grad():
+        assert torch.equal(load_member(spec, tiny.data, Cache()).module(x), repaired(x))
     report = json.loads((tmp_path / "one" / "report.json").read_text())
     assert report["budget_used"] == pytest.approx(report["measured_latency_ms"] / budget)
     assert "Repair (`--finetune e2e`, 2 epochs" in (tmp_path / "one" / "report.md").read_text()

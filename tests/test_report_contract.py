@@ -26,7 +26,7 @@ REPORT = {
     "schema": str, "dery_version": str, "status": str, "target": str, "backend": str, "backend_version": str,
     "device": (str, NULL), "precision": str, "batch": int, "input_shape": list, "budget_ms": NUM,
     "predicted_latency_ms": NUM, "measured_latency_ms": (*NUM, NULL), "measured_p90_ms": (*NUM, NULL),
-    "measured_cv": (*NUM, NULL), "latency_estimated": bool, "engine": str, "assembly": [BLOCK], "stitches": [STITCH],
+    "measured_cv": (*NUM, NULL), "latency_estimated": bool, "engine": str, "checkpoint": (str, NULL), "assembly": [BLOCK], "stitches": [STITCH],
     "params": int, "flops": int, "activation_mb": NUM, "accuracy": (float, NULL), "predicted_accuracy": (float, NULL),
     "quality": {"predictor": str, "labels": str, "rerank": str, "proxy": NUM, "objective": NUM},
     "accuracy_as_is": (float, NULL), "repair": dict, "budget_used": (*NUM, NULL), "member": (str, NULL),
@@ -87,6 +87,7 @@ def test_ok_report(tiny, budget, tmp_path) -> None:
     report = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path))
     check(report, tiny)
     assert report["status"] == "ok" and report["rounds"][-1]["within_budget"] is True
+    assert report["checkpoint"] == "assembly.pt" and (tmp_path / report["checkpoint"]).is_file()
     assert report["measured_latency_ms"] == report["rounds"][-1]["measured_ms"] <= budget
     assert json.loads((tmp_path / "report.json").read_text()) == report
 
