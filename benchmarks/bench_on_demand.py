@@ -22,11 +22,13 @@ import tempfile
 from pathlib import Path
 
 import _common as common
+from dery.defaults import Profiling
 from dery.driver import CompileConfig, Search, front
 from dery.passes.calibrate import calibrate
 from dery.passes.profile import profile
 
 JUST_BELOW = 0.98
+FLOORS = ("own", "zoo")
 
 
 def main() -> None:
@@ -35,48 +37,69 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     full = front(CompileConfig(target="cpu", latency_ms=1.0, zoo=args.zoo, measure="all"))
-    lazy = profile(full.lowered, full.partition, full.stitches, full.target, full.store, full.cache, on_demand=True)
-    first = len(lazy.found)
-    cal = calibrate(full.lowered, full.partition, full.stitches, lazy.costs(), full.target, full.store,
-                    seed=full.config.seed, profiler=lazy)
-    lazy.settle_floors()
-    calibrated = len(lazy.found)
-    on_demand = dataclasses.replace(full, profiler=lazy, costs=lazy.costs(), calibration=cal)
     c = full.costs
     real = {"boundary": min(c.boundary_ms(*k) for k in c.joints), "context": min(c.context_ms(*k) for k in c.triples)}
     member_ms = {m: r.median_ms for m, r in c.networks.items()}
     lo, hi = min(member_ms.values()), max(member_ms.values())
     grid = [lo + (hi - lo) * i / args.steps for i in range(args.steps + 1)]
     budgets = sorted({0.8 * lo, *grid, *(JUST_BELOW * ms for ms in member_ms.values() if ms > lo)})
-    rows = []
+    doc = {"machine": common.machine(), "zoo": args.zoo, "lowest_real": real, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        searches = {"full": Search(full, Path(tmp)), "on demand": Search(on_demand, Path(tmp))}
-        for budget in budgets:
-            picked = {name: s.choose(budget, []) for name, s in searches.items()}
-            models = {name: None if p is None else list(p[3]) for name, p in picked.items()}
-            rows.append({"budget_ms": budget, "full": models["full"], "on_demand": models["on demand"],
-                         "same": models["full"] == models["on demand"], "asked": len(lazy.found)})
-    doc = {"machine": common.machine(), "zoo": args.zoo, "search_space": len(lazy.items), "first": first,
-           "with_calibration": calibrated, "asked": len(lazy.found), "floors": dict(zip(("boundary", "context"),
-                                                                                          lazy.floors)),
-           "lowest_real": real, "calibration_equal": cal == full.calibration, "budgets": rows}
-    floors_ok = all(doc["floors"][k] < real[k] for k in real)
+        reference = Search(full, Path(tmp))
+        chosen = {b: reference.choose(b, []) for b in budgets}
+        for mode in FLOORS:
+            settings = Profiling(floors=mode)
+            lazy = profile(full.lowered, full.partition, full.stitches, full.target, full.store, full.cache,
+                           settings=settings, on_demand=True)
+            first = len(lazy.found)
+            cal = calibrate(full.lowered, full.partition, full.stitches, lazy.costs(), full.target, full.store,
+                            seed=full.config.seed, settings=settings, profiler=lazy)
+            lazy.settle_floors()
+            calibrated = len(lazy.found)
+            search = Search(dataclasses.replace(full, profiler=lazy, costs=lazy.costs(), calibration=cal), Path(tmp))
+            rows = []
+            for budget in budgets:
+                before = search.solves
+                picked = search.choose(budget, [])
+                models = {name: None if p is None else list(p[3]) for name, p in (("full", chosen[budget]),
+                                                                                   ("on_demand", picked))}
+                rows.append({"budget_ms": budget, **models, "same": models["full"] == models["on_demand"],
+                             "asked": len(lazy.found), "solves": search.solves - before})
+            costs = lazy.costs()
+            below = all(costs.boundary_ms(*k) <= c.boundary_ms(*k) for k in c.joints if k not in costs.joints) \
+                and all(costs.context_ms(*k) <= c.context_ms(*k) for k in c.triples if not costs.context_measured(*k))
+            doc["modes"][mode] = {"search_space": len(lazy.items), "first": first, "with_calibration": calibrated,
+                                  "asked": len(lazy.found), "solves": sum(r["solves"] for r in rows),
+                                  "calibration_equal": cal == full.calibration, "floors_below_real": below,
+                                  "budgets": rows}
     lines = [f"# Measurement on demand vs the full table (`benchmarks/bench_on_demand.py --zoo {args.zoo}`)", "",
              f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores_usable']} usable cores. One profile store "
-             "serves both: the full table reads every piece of it, on demand asks only for what its solutions "
+             "serves all: the full table reads every piece of it, on demand asks only for what its solutions "
              "rest on, in this order: blocks, members and the members' own joints and triples; the calibration's "
-             "random assemblies; then budget by budget (cumulative below).", "",
-             "| budget (ms) | full table's choice | on demand's choice | same | pieces asked so far |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['budget_ms']:.4f} | {' > '.join(r['full'] or ['-'])} | {' > '.join(r['on_demand'] or ['-'])} "
-              f"| {r['same']} | {r['asked']} |" for r in rows]
-    same = sum(r["same"] for r in rows)
-    lines += ["", f"**Same choice at {same} of {len(rows)} budgets.** Pieces: {first} first, {calibrated} with the "
-              f"calibration's, {doc['asked']} after every budget, of {doc['search_space']} in the full table "
-              f"({doc['asked'] / doc['search_space']:.0%}). Calibration identical: {doc['calibration_equal']}.",
-              f"Floors: boundary {doc['floors']['boundary']:.4f} ms (lowest real {real['boundary']:.4f}), context "
-              f"{doc['floors']['context']:.4f} ms (lowest real {real['context']:.4f}): below every real term: "
-              f"{floors_ok}.", ""]
+             "random assemblies; then budget by budget (cumulative below). Until a term is measured it takes its "
+             "floor: `own` (the default): the least of its members' own terms at that place less half its "
+             "largest block; `zoo` (the control): the zoo's lowest measured term of its kind less half the "
+             "zoo's slowest block. *solves*: programs solved at that budget (one per on-demand round).", "",
+             "| budget (ms) | full table's choice | " + " | ".join(
+                 f"`{m}`: choice, same, pieces asked so far, solves" for m in FLOORS) + " |",
+             "|---|---|" + "---|" * len(FLOORS)]
+    for i, budget in enumerate(budgets):
+        cells = []
+        for m in FLOORS:
+            r = doc["modes"][m]["budgets"][i]
+            cells.append(f"{' > '.join(r['on_demand'] or ['-'])}, {r['same']}, {r['asked']}, {r['solves']}")
+        first_row = doc["modes"][FLOORS[0]]["budgets"][i]
+        lines.append(f"| {budget:.4f} | {' > '.join(first_row['full'] or ['-'])} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for m in FLOORS:
+        d = doc["modes"][m]
+        same = sum(r["same"] for r in d["budgets"])
+        lines.append(f"- `{m}`: **same choice at {same} of {len(budgets)} budgets**; pieces {d['first']} first, "
+                     f"{d['with_calibration']} with the calibration's, {d['asked']} after every budget, of "
+                     f"{d['search_space']} in the full table ({d['asked'] / d['search_space']:.0%}); {d['solves']} "
+                     f"solves; calibration identical: {d['calibration_equal']}; every floor at or below its real "
+                     f"term: {d['floors_below_real']}.")
+    lines.append("")
     common.write_results("on_demand", doc, lines)
 
 

@@ -31,8 +31,11 @@ on the right device.
 A compile measures on demand (`Profiler`): the blocks, the members and every
 member's own joints and triples first, every other joint and triple only when
 a solution rests on it. Until then an unmeasured boundary or context term
-takes its floor, a figure below any the measured ones reach (`floors`), so a
-solution that rests on measured terms only is optimal for the full table too.
+takes its floor, a figure below any the measured ones reach: the least of its
+members' own terms at that place (measured first; a stitch only adds work)
+less half its largest block (`Costs._floor`; `floors`, the zoo-wide figure,
+where an own term is missing), so a solution that rests on measured terms only
+is optimal for the full table too.
 `dery profile` measures everything.
 """
 from __future__ import annotations
@@ -72,25 +75,42 @@ class Costs:
     reused: int
     boundary_floor_ms: float = 0.0
     context_floor_ms: float = 0.0
+    floor_margin: float | None = None  # None: unmeasured terms take the zoo-wide floors only
 
     def boundary_ms(self, a: str, b: str, j: int) -> float:
-        """What boundary j from model a to model b adds to an engine: its joint less its two blocks (the floor
+        """What boundary j from model a to model b adds to an engine: its joint less its two blocks (its floor
         while the joint is not measured)."""
         if (a, b, j) not in self.joints:
-            return self.boundary_floor_ms
+            own = [(m, m, j) for m in (a, b)]
+            if self.floor_margin is None or a == b or any(k not in self.joints for k in own):
+                return self.boundary_floor_ms
+            return self._floor([self.boundary_ms(*k) for k in own], [self.blocks[a, j], self.blocks[b, j + 1]])
         return self.joints[a, b, j].median_ms - self.blocks[a, j].median_ms - self.blocks[b, j + 1].median_ms
+
+    def context_measured(self, a: str, b: str, c: str, j: int) -> bool:
+        """Whether the context term of a, b, c at boundary j rests on measured records only."""
+        return (a, b, c, j) in self.triples and (a, b, j) in self.joints and (b, c, j + 1) in self.joints
 
     def context_ms(self, a: str, b: str, c: str, j: int) -> float:
         """What boundaries j and j + 1 add together beyond each alone: the triple a, b, c less its two joints,
-        plus its middle block (counted by both joints); none when any of the four is an estimate, the floor
+        plus its middle block (counted by both joints); none when any of the four is an estimate, its floor
         while one is not measured."""
-        if (a, b, c, j) not in self.triples or (a, b, j) not in self.joints or (b, c, j + 1) not in self.joints:
-            return self.context_floor_ms
+        if not self.context_measured(a, b, c, j):
+            own = [(m, m, m, j) for m in dict.fromkeys((a, b, c))]
+            if self.floor_margin is None or len(own) == 1 or not all(self.context_measured(*k) for k in own):
+                return self.context_floor_ms
+            return self._floor([self.context_ms(*k) for k in own],
+                               [self.blocks[a, j], self.blocks[b, j + 1], self.blocks[c, j + 2]])
         records = (self.triples[a, b, c, j], self.blocks[b, j + 1], self.joints[a, b, j], self.joints[b, c, j + 1])
         if any(r.estimated for r in records):
             return 0.0
         triple, middle, first, second = (r.median_ms for r in records)
         return triple + middle - first - second
+
+    def _floor(self, own: Sequence[float], blocks: Sequence[LatencyRecord]) -> float:
+        """An unmeasured term's floor: the least of its members' own terms at that place (no stitch; a stitch
+        only adds work), less `floor_margin` of its largest block."""
+        return min(own) - self.floor_margin * max(r.median_ms for r in blocks)
 
     def missing(self, models: Sequence[str]) -> list[tuple]:
         """The piece keys of an assembly's joints and triples that are not measured yet."""
@@ -319,13 +339,14 @@ def parts(triple: tuple) -> list[tuple]:
     return [triple, ("block", b, j + 1), ("joint", a, b, j), ("joint", b, c, j + 1)]
 
 
-def costs_of(found: dict[tuple, LatencyRecord], measured: int, floors: tuple[float, float] = (0.0, 0.0)) -> Costs:
+def costs_of(found: dict[tuple, LatencyRecord], measured: int, floors: tuple[float, float] = (0.0, 0.0),
+             margin: float | None = None) -> Costs:
     """The records by kind, as the search space uses them, with the floors of unmeasured terms."""
     return Costs({(k[1], k[2]): r for k, r in found.items() if k[0] == "block"},
                  {(k[1], k[2], k[3]): r for k, r in found.items() if k[0] == "joint"},
                  {(k[1], k[2], k[3], k[4]): r for k, r in found.items() if k[0] == "triple"},
                  {k[1]: r for k, r in found.items() if k[0] == "network"},
-                 measured, len(found) - measured, *floors)
+                 measured, len(found) - measured, *floors, margin)
 
 
 def settle_contexts(found: dict[tuple, LatencyRecord], fresh: Sequence[tuple], items: dict[tuple, Piece],
@@ -406,7 +427,8 @@ class Profiler:
 
     def costs(self) -> Costs:
         """The records so far, with the floors for what is not measured."""
-        return costs_of(self.found, len(self.fresh), self.floors)
+        return costs_of(self.found, len(self.fresh), self.floors,
+                        self.settings.floor_margin if self.settings.floors == "own" else None)
 
 
 def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, target: Target,

@@ -63,6 +63,7 @@ class Profiling:
     chunk: int = 32  # pieces (or calibration engines) measured together; saved, and resumed, per chunk
     odd_context: float = 0.2  # a context term this large a share of its triple is measured again (real: < 10%)
     context_retries: int = 2  # more measurements of an odd context term's pieces
-    floor_margin: float = 0.5  # an unmeasured term's floor: this share of the slowest block below the lowest measured
+    floor_margin: float = 0.5  # an unmeasured term's floor: this share of its largest block below its members' own
+    floors: str = "own"  # "own": each unmeasured term below its members' own terms; "zoo": below the zoo's lowest
     verify_attempts: int = 3  # engine measurements, in all, before a disturbed reading is reported as noisy
     verify_off: float = 0.15  # an engine reading this far off its prediction is measured again to confirm it

@@ -423,6 +423,7 @@ class Search:
         self._proxy: dict[tuple[str, ...], float] = {}
         self._repaired: dict[tuple[str, ...], Repaired] = {}
         self._labels: dict[str, Any] = {}
+        self.solves = 0  # programs solved, on-demand rounds included
 
     def labels(self, split: str) -> Any:
         """A split's labels, or the zoo ensemble's predictions where there are none that fit (once per session)."""
@@ -509,6 +510,7 @@ class Search:
             space = self.space(limit_ms)
             with stage("solve", s.timings):
                 sols = solve(space.problem)
+            self.solves += 1
             need = [key for sol in sols for key in s.costs.missing(chosen_models(space, sol))]
             if not need:
                 return space, sols

@@ -372,7 +372,13 @@ def test_measuring_on_demand_gives_the_full_tables_answers(tiny, tmp_path) -> No
     boundary_floor, context_floor = lazy.floors
     assert boundary_floor < min(full.boundary_ms(*k) for k in full.joints)
     assert context_floor < min(full.context_ms(*k) for k in full.triples)
-    session = dataclasses.replace(tiny, profiler=lazy, costs=lazy.costs(), calibration=cal)
+    # Each term not measured yet takes its own floor (below its members' own terms), and no real term is lower.
+    costs = lazy.costs()
+    floored = [k for k in full.joints if k not in costs.joints]
+    assert floored and all(costs.boundary_ms(*k) <= full.boundary_ms(*k) for k in floored)
+    assert any(costs.boundary_ms(*k) > boundary_floor for k in floored)
+    assert all(costs.context_ms(*k) <= full.context_ms(*k) for k in full.triples if not costs.context_measured(*k))
+    session = dataclasses.replace(tiny, profiler=lazy, costs=costs, calibration=cal)
     assert session.costs.missing(tiny.partition.models[:1] * 3) == []
     lat = sorted(r.median_ms for r in full.networks.values())
     top5 = lambda p: best_solutions(p, 5)  # noqa: E731
