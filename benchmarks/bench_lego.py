@@ -36,7 +36,7 @@ from dery.data import digits
 from dery.driver import CompileConfig, front, run_compile
 from dery.onnx_graph import export
 from dery.passes.disassemble import component_of, disassemble, random_component, task_accuracy
-from dery.zoo import PRESETS, MemberSpec, Recipe, load_member
+from dery.zoo import PRESETS, MemberSpec, Recipe, load_member, parse_zoo
 
 SUBSETS = ((0, 3), (1, 5, 7), (2, 4, 6, 8), (0, 9), (3, 5, 8))
 SEEDS = (0, 1, 2)
@@ -109,6 +109,9 @@ def study(classes: str, work: Path) -> dict:
     base = CompileConfig(target="cpu", latency_ms=1.0, zoo="default", k=4, finetune="none", classes=classes,
                          slack=SLACK, out=work / "front")
     s = front(base, until="calibrate")
+    x, y = s.data.images("test"), s.data.split("test").labels
+    with torch.no_grad():
+        right = {n.name: n.module(x).argmax(1) == y for n in s.zoo}
     lat = {n: r.median_ms for n, r in s.costs.networks.items()}
     lo, hi = min(lat.values()), max(lat.values())
     points = []
@@ -118,6 +121,10 @@ def study(classes: str, work: Path) -> dict:
         r = run_compile(dataclasses.replace(base, latency_ms=budget, out=work / f"b{i}"))
         whole = [z for z in r["zoo"] if z["component_of"] is None and z["fits"]]
         best = max(whole, key=lambda z: z["accuracy"], default=None)
+        (spec,) = parse_zoo(str(work / f"b{i}" / r["checkpoint"]))  # the answer as dery-compile wrote it
+        with torch.no_grad():
+            ok = load_member(spec, s.data, Cache()).module(x).argmax(1) == y
+        assert float(ok.float().mean()) == r["accuracy"], "assembly.pt is not the network the report scored"
         parts = sorted({a["model"] for a in r["assembly"] if component_of(a["model"])})
         win = bool(r["status"] == "ok" and parts and r["measured_latency_ms"] <= budget
                    and (best is None or r["accuracy"] > best["accuracy"]))
@@ -125,6 +132,7 @@ def study(classes: str, work: Path) -> dict:
                        "components": parts, "measured_ms": r["measured_latency_ms"], "accuracy": r["accuracy"],
                        "best_whole": best and best["model"], "best_whole_ms": best and best["latency_ms"],
                        "best_whole_accuracy": best and best["accuracy"], "win": win,
+                       "p": None if best is None else common.mcnemar(ok, right[best["model"]]),
                        "test_images": r["data"]["splits"]["test"], "wall_s": time.perf_counter() - t0})
         print(f"--classes {classes} budget {budget:.4f} ms: {' > '.join(points[-1]['chosen'])} "
               f"{r['accuracy']:.4f} vs {best and best['model']} {best and best['accuracy']}", flush=True)
@@ -173,15 +181,17 @@ def markdown(doc: dict) -> list[str]:
                                                                    sorted(st["zoo_latency_ms"].items(),
                                                                           key=lambda kv: kv[1])) + ".", "",
                   "| budget (ms) | dery-compile's choice | measured (ms) | acc on the classes | best whole member "
-                  "that fits | its acc | component-based win |", "|---|---|---|---|---|---|---|"]
+                  "that fits | its acc | exact McNemar p | component-based win |", "|---|---|---|---|---|---|---|---|"]
         for p in st["points"]:
             best = "none" if p["best_whole"] is None else f"{p['best_whole']} ({p['best_whole_ms']:.3f} ms)"
             lines.append(f"| {p['budget_ms']:.4f} | {' > '.join(p['chosen']) or p['status']} | "
                          f"{common.pct(None) if p['measured_ms'] is None else format(p['measured_ms'], '.4f')} | "
                          f"{common.pct(p['accuracy'])} | {best} | {common.pct(p['best_whole_accuracy'])} | "
-                         f"{'yes' if p['win'] else 'no'} |")
-        lines += ["", f"Component-based wins: {wins} of {len(st['points'])} budgets "
-                      f"({st['points'][0]['test_images']} test images of these classes)."]
+                         f"{'-' if p.get('p') is None else format(p['p'], '.2g')} | {'yes' if p['win'] else 'no'} |")
+        real = sum(p["win"] and p["best_whole"] is not None for p in st["points"])
+        lines += ["", f"Component-based wins: {wins} of {len(st['points'])} budgets, {real} of them against a whole "
+                      f"member that fits ({st['points'][0]['test_images']} test images of these classes; p: exact "
+                      f"McNemar test of the answer against that member, image by image)."]
     return lines
 
 

@@ -8,6 +8,7 @@ shape), so loading it elsewhere fails with a clear message.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import onnx
 import torch
 import torch.nn as nn
 from dery.backends import availability, get_backend, sidecar_path
-from dery.cache import atomic_write_bytes, atomic_write_json
+from dery.cache import Cache, atomic_write, atomic_write_bytes, atomic_write_json, content_key, read_json
 from dery.ir import utc_timestamp
 from dery.onnx_graph import INPUT, OUTPUT, export
 from dery.targets import Target
@@ -74,3 +75,25 @@ def compile_engine(module: nn.Module, input_shape: tuple[int, ...], target: Targ
         "output": {"name": OUTPUT}, "threads": target.threads, **built,
         "check": {"seed": 0, "samples": len(reference), "outputs": reference}})
     return engine
+
+
+def cached_engine(module: nn.Module, input_shape: tuple[int, ...], target: Target, out_dir: Path, name: str,
+                  cache: Cache, identity: str) -> Engine:
+    """`compile_engine`, served from the cache: an engine built before for the same assembly (`identity`, its
+    repair included), target, device, backend and dery version is copied into `out_dir` with its sidecar."""
+    backend = get_backend(target.backend)
+    device, _ = availability(target)
+    version = backend.version() if device is not None else onnx.__version__
+    suffix = backend.ENGINE_SUFFIX if device is not None else ".onnx"
+    stored = cache.path("engine", content_key("engine", identity, target, device, version, dery.__version__), suffix)
+    path = out_dir / f"{name}{suffix}"
+    if not sidecar_path(stored).is_file():  # the sidecar is stored last: its presence means both are whole
+        engine = compile_engine(module, input_shape, target, out_dir, name)
+        atomic_write(stored, lambda p: shutil.copyfile(engine.path, p))
+        atomic_write(sidecar_path(stored), lambda p: shutil.copyfile(engine.sidecar, p))
+        return engine
+    side = read_json(sidecar_path(stored), "cached engine sidecar")
+    shutil.copyfile(stored, path)
+    shutil.copyfile(sidecar_path(stored), sidecar_path(path))
+    return Engine(path, sidecar_path(path), side["backend"], side["backend_version"], side["device"],
+                  side["precision"], tuple(side["input"]["shape"]))

@@ -545,20 +545,20 @@ class Search:
     def realise(self, models: tuple[str, ...], solution: Solution, proxy: float, name: str) -> Result:
         """Assemble, repair, compile and measure one solution."""
         from dery.passes.assemble import assemble
-        from dery.passes.compile import compile_engine
+        from dery.passes.compile import cached_engine
         from dery.passes.verify import identity, measure_engine
 
         s = self.s
         assembly, _ = assemble(s.lowered, s.partition, s.stitches, models)
         repaired = self.repaired(models)
         module = repaired.module
+        engine_id = identity(models, s.partition, s.stitches, s.lowered, self.trained())
         with stage("compile", s.timings):
-            engine = compile_engine(module, s.zoo[0].input_shape, s.target, self.workdir, name)
+            engine = cached_engine(module, s.zoo[0].input_shape, s.target, self.workdir, name, s.cache, engine_id)
         if s.device is None:
             return Result(solution, models, assembly, module, engine, None, proxy, repaired.log)
         with stage("verify", s.timings):
-            timing = measure_engine(engine.path, identity(models, s.partition, s.stitches, s.lowered, self.trained()),
-                                    s.target,
+            timing = measure_engine(engine.path, engine_id, s.target,
                                     s.cache, pace=s.store.pace(group_of(s.target, s.device)),
                                     attempts=s.config.profiling.verify_attempts,
                                     predicted_ms=solution.totals["latency_ms"], off=s.config.profiling.verify_off)

@@ -65,17 +65,25 @@ def test_engine_outputs_equal_the_torch_assembly(first, tiny) -> None:
     assert acc == pytest.approx(report["accuracy"])
 
 
-def test_second_run_reuses_everything_and_gives_the_same_report(first, tiny, budget, tmp_path) -> None:
-    report, _ = first
+def test_second_run_reuses_everything_and_gives_the_same_report(first, tiny, budget, tmp_path, monkeypatch) -> None:
+    report, out = first
+    import dery.passes.compile
     from dery.driver import front
 
     again = front(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, finetune="none"))
     assert again.costs.measured == 0  # every latency came from the profile store
     assert again.partition == tiny.partition
+
+    def build(*args, **kwargs):
+        raise AssertionError("the second run built an engine")
+
+    monkeypatch.setattr(dery.passes.compile, "compile_engine", build)  # the engine comes from the cache
     second = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, finetune="none"))
     assert second["run"]["pieces_measured"] == 0 and set(second["run"]["timings_s"]) >= {"zoo", "solve", "verify"}
     assert without_run(second) == without_run(report)
     assert without_run(json.loads((tmp_path / "report.json").read_bytes())) == without_run(report)
+    for name in (report["engine"], report["engine"] + ".json", "report.md"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
 
 
 def without_run(report: dict) -> dict:
