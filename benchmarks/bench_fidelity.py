@@ -85,7 +85,8 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
                                           for r in rows]), meas)
     profiled = sorted({r.reference_ms for r in s.store.records.values() if r.group == group and r.reference_ms})
     cal = s.calibration
-    return {"zoo": name, "spec": zoo, "k": k, "assemblies": len(rows), "setup_s": setup_s,
+    return {"zoo": name, "spec": zoo, "k": k, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "assemblies": len(rows), "setup_s": setup_s,
             "measure_s": time.perf_counter() - t0,
             "members_ms": {m: r.median_ms for m, r in s.costs.networks.items()},
             "reference_ms": {"profile_groups": profiled, "engine_groups": sorted({ms for _, ms, _ in measured})},
@@ -138,7 +139,7 @@ def markdown(doc: dict) -> str:
                   f"{doc.get('calibration_assemblies', 12)} random assemblies, measured on this CPU):", ""]
     for z in doc["zoos"]:
         c = z["calibration"]
-        lines.append(f"- {z['zoo']}: engine = {c['intercept_ms']:+.4f} ms + {c['block_scale']:.3f} x blocks + "
+        lines.append(f"- {z['zoo']} (measured {z.get('when', 'in an earlier run')}): engine = {c['intercept_ms']:+.4f} ms + {c['block_scale']:.3f} x blocks + "
                      f"{c['boundary_scale']:.3f} x boundaries {c['per_stitch_ms']:+.4f} ms per stitch "
                      f"({c['points']} points, worst in-sample error {100 * c['fit_max_error']:.1f}%); members "
                      + ", ".join(f"{m} {v:.3f} ms" for m, v in z["members_ms"].items())
@@ -170,7 +171,12 @@ def main() -> None:
     torch.set_num_threads(2)
     count = 10 if args.quick else args.count
     specs = {"default": ("default", 4), "timm": (TIMM_ZOO, 4)}
-    zoos = [run_zoo(z, specs[z][0], specs[z][1], count, Path("/tmp/dery-bench-out")) for z in args.zoos.split(",")]
+    name = args.name + ("-quick" if args.quick else "")
+    path = RESULTS / f"{name}.json"
+    kept = {z["zoo"]: z for z in json.loads(path.read_text())["zoos"]} if path.exists() else {}
+    for z in args.zoos.split(","):  # a run of some zoos keeps the others' last results
+        kept[z] = run_zoo(z, specs[z][0], specs[z][1], count, Path("/tmp/dery-bench-out"))
+    zoos = [kept[z] for z in specs if z in kept]
     info = common.machine("torch")
     doc = {"machine": f"{info['cpu']}, {info['cores_usable']} usable cores, Python {info['python']}, torch "
                       f"{info['torch']}, load average {info['load_avg_start'][0]:.1f} at the end",
@@ -178,7 +184,6 @@ def main() -> None:
            "command": " ".join(["python", *sys.argv]), "calibration_assemblies": defaults.CALIBRATION_ASSEMBLIES,
            "zoos": zoos}
     RESULTS.mkdir(exist_ok=True)
-    name = args.name + ("-quick" if args.quick else "")
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(doc))
     print(markdown(doc))
