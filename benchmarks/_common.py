@@ -54,3 +54,14 @@ def write_results(name: str, doc: dict, markdown: list[str]) -> None:
 def pct(x: float | None) -> str:
     """A fraction as a percentage with two decimals ('-' for none)."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def mcnemar(a: Any, b: Any) -> float:
+    """Exact two-sided McNemar p-value that a and b (paired per-image correctness, bool tensors) are equally
+    accurate."""
+    import scipy.stats
+
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import _common as common
-import scipy.stats
 import torch
 from bench_quality import machine
 from dery.driver import CompileConfig, Search, Session, front
@@ -54,14 +53,6 @@ ZOOS = {"default": "default", "alt": "alt"}
 def correct(module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-image correctness (bool) of a module on a split."""
     return predictions(module, images).argmax(-1) == labels
-
-
-def mcnemar(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Exact two-sided McNemar p-value that a and b (paired correctness) are equally accurate."""
-    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-    if only_a + only_b == 0:
-        return 1.0
-    return float(scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
 def compiled(search: Search, budget: float) -> tuple[list[dict], object | None]:
@@ -93,9 +84,9 @@ def verdict(ok: torch.Tensor, models: tuple[str, ...], within: bool, controls: d
     if controls:
         best = max(controls, key=lambda m: (float(controls[m].float().mean()), m))
         control = float(controls[best].float().mean())
-        out.update(member=best, member_test_acc=control, p=mcnemar(ok, controls[best]),
+        out.update(member=best, member_test_acc=control, p=common.mcnemar(ok, controls[best]),
                    win=out["reassembled"] and within and acc > control,
-                   loss=control > acc and mcnemar(ok, controls[best]) < 0.05)
+                   loss=control > acc and common.mcnemar(ok, controls[best]) < 0.05)
     return out
 
 
