@@ -81,8 +81,13 @@ def test_nhwc_round_trip_and_resampling_rules() -> None:
         m.weight.copy_(torch.eye(3)[:, :, None, None])
     x = torch.randn(2, 4, 4, 3)
     assert torch.equal(m(x), x)
-    assert resample(torch.ones(1, 1, 6, 6), (3, 3)).shape == (1, 1, 3, 3)
-    assert resample(torch.ones(1, 1, 6, 6), (4, 4)).shape == (1, 1, 4, 4)
+    g = torch.randn(1, 2, 6, 6)
+    assert torch.equal(resample(g, (6, 6), (3, 3)), torch.nn.functional.avg_pool2d(g, 2))
+    assert resample(g, (6, 6), (4, 4)).shape == (1, 2, 4, 4)
+    assert resample(g, (6, 6), (6, 6)) is g
+    # The sizes are the cut points' own, so a stitch traces with torch.fx (an assembly lowers like a member).
+    traced = torch.fx.symbolic_trace(m)
+    assert torch.equal(traced(x), m(x))
 
 
 def test_stitch_between_identical_networks_is_the_identity(tiny) -> None:
