@@ -369,9 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=defaults.INCUBATE_LR, help=f"learning rate (default {defaults.INCUBATE_LR})")
     p.add_argument("--anchor", type=non_negative, default=defaults.INCUBATE_ANCHOR,
                    help=f"output anchor weight; 0 is the paper's plain incubation (default {defaults.INCUBATE_ANCHOR})")
-    p.add_argument("--meta", choices=defaults.INCUBATE_METAS, default=defaults.INCUBATE_META,
+    p.add_argument("--meta", choices=defaults.INCUBATE_METAS,
                    help=f"meta model: a tiny trained one, or the network itself frozen (default "
-                        f"{defaults.INCUBATE_META})")
+                        f"{defaults.INCUBATE_META}; {defaults.REPAIR_META} for an assembly, whose modules come "
+                        f"pretrained)")
     p.add_argument("--nproc", type=positive_int, default=1,
                    help="processes for stage 2 under torchrun (gloo on CPU, NCCL on GPUs; default 1: in process)")
     p.add_argument("--threads", type=positive_int, help="intra-op threads per process (default: cores / nproc)")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import progress
+from . import defaults, progress
 from .cache import Cache, atomic_write, atomic_write_json, ensure_dir
 from .data import Dataset, load_data
 from .errors import USAGE, DeryError
@@ -142,9 +142,14 @@ def write_outputs(target: Target, report: dict[str, Any], out: Path) -> Path:
 
 def cmd_incubate(args: Any) -> int:
     """`dery incubate MODEL --k K -o OUT.pt [--nproc N]`."""
+    from .passes.assemble import ASSEMBLY_ARCH
+    from .passes.disassemble import resolve_member
+
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    meta = args.meta or (defaults.REPAIR_META if resolve_member(args.model).arch == ASSEMBLY_ARCH
+                         else defaults.INCUBATE_META)
     job = Job(args.model, args.k, str(args.data) if args.data else None, args.seed, args.epochs_meta,
-              args.epochs_module, args.epochs_finetune, args.lr, args.anchor, args.meta, threads)
+              args.epochs_module, args.epochs_finetune, args.lr, args.anchor, meta, threads)
     target, report = incubate_target(job, nproc=args.nproc, run_dir=args.run_dir)
     path = write_outputs(target, report, args.output)
     hybrids = ", ".join(f"{a:.3f}" for a in report["hybrid_accuracy"])
