@@ -2,7 +2,7 @@
 `dery incubate` load)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,24 +38,34 @@ def assemble(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches,
     if len(models) != partition.k:
         raise DeryError(f"an assembly needs one model per set ({partition.k}), got {len(models)}")
     by_name = {lw.name: lw for lw in zoo}
-    blocks, chosen, parts, labels = [], [], [], []
+    chosen = []
     for k, m in enumerate(models):
         if m not in by_name:
             raise DeryError(f"assembly names {m!r}, which is not in the zoo ({', '.join(by_name)})")
-        if k > 0 and models[k - 1] != m:
+        if k > 0 and models[k - 1] == m:
+            chosen.append(None)
+        elif k > 0:
             s = stitches.get(models[k - 1], m, k - 1)
             if s is None:
                 raise DeryError(f"no stitch from {models[k - 1]} to {m} at boundary {k - 1}")
             chosen.append(s)
-            parts.append(stitches.modules[models[k - 1], m, k - 1])
+    blocks = [partition.block(m, k) for k, m in enumerate(models)]
+    module = _assembled(models, lambda k: by_name[models[k]].segment(blocks[k].first, blocks[k].last),
+                        lambda k: stitches.modules[models[k - 1], models[k], k - 1])
+    return Assembly(tuple(models), tuple(blocks), tuple(chosen)), module
+
+
+def _assembled(models: Sequence[str], block: Callable[[int], nn.Module],
+               stitch: Callable[[int], nn.Module]) -> Assembled:
+    """Set k's block, after the stitch into it wherever the model changes, for every set in order."""
+    parts, labels = [], []
+    for k, m in enumerate(models):
+        if k > 0 and models[k - 1] != m:
+            parts.append(stitch(k))
             labels.append(f"stitch {models[k - 1]}>{m}")
-        elif k > 0:
-            chosen.append(None)
-        block = partition.block(m, k)
-        blocks.append(block)
-        parts.append(by_name[m].segment(block.first, block.last))
+        parts.append(block(k))
         labels.append(f"{m}[{k}]")
-    return Assembly(tuple(models), tuple(blocks), tuple(chosen)), Assembled(parts, labels).eval()
+    return Assembled(parts, labels).eval()
 
 
 # ------------------------------------------------------------------------------------------------- checkpoint
@@ -80,15 +90,13 @@ def member_entry(network: Network) -> dict[str, Any]:
 
 def member_from_entry(name: str, entry: dict[str, Any]) -> Network:
     """A zoo member rebuilt from its `member_entry`."""
-    from dery.passes.disassemble import restructure
-    from dery.zoo import MemberSpec, Normalized, _timm, as_network
+    from dery.passes.disassemble import rebuilt
+    from dery.zoo import MemberSpec, as_network
 
-    kwargs = tuple(tuple(kv) for kv in entry["kwargs"])
-    spec = MemberSpec(name, entry["arch"], "assembly", kwargs, None, entry["resolution"])
-    net = _timm().create_model(entry["arch"], num_classes=int(entry["num_classes"]),
-                               **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs})
-    restructure(net, entry["structure"], entry["state_dict"])
-    return as_network(name, spec, Normalized(net, tuple(entry["mean"]), tuple(entry["std"])))
+    spec = MemberSpec(name, entry["arch"], "assembly", tuple(tuple(kv) for kv in entry["kwargs"]), None,
+                      entry["resolution"])
+    return as_network(name, spec, rebuilt(entry["arch"], entry["kwargs"], entry["num_classes"], entry["structure"],
+                                          entry["state_dict"], entry["mean"], entry["std"]))
 
 
 def assembly_checkpoint(zoo: Sequence[Lowered], assembly: Assembly, module: Assembled,
@@ -122,17 +130,11 @@ def module_from_assembly(ckpt: dict[str, Any]) -> Normalized:
     from dery.zoo import Normalized
 
     spec = ckpt["assembly"]
+    models, cuts = spec["models"], spec["stitches"]
     lowered = {m: lower(member_from_entry(m, e)) for m, e in spec["members"].items()}
-    parts, labels = [], []
-    for k, (m, (first, last)) in enumerate(zip(spec["models"], spec["blocks"])):
-        if k > 0 and spec["stitches"][k - 1] is not None:
-            src, dst = spec["stitches"][k - 1]
-            prev = spec["models"][k - 1]
-            parts.append(StitchModule(lowered[prev].cut(src), lowered[m].cut(dst)))
-            labels.append(f"stitch {prev}>{m}")
-        parts.append(lowered[m].segment(first, last))
-        labels.append(f"{m}[{k}]")
-    net = Assembled(parts, labels)
+    net = _assembled(models, lambda k: lowered[models[k]].segment(*spec["blocks"][k]),
+                     lambda k: StitchModule(lowered[models[k - 1]].cut(cuts[k - 1][0]),
+                                            lowered[models[k]].cut(cuts[k - 1][1])))
     try:
         net.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:

@@ -437,6 +437,21 @@ def restructure(net: nn.Module, structure: dict[str, dict[str, Any]], state_dict
     net.load_state_dict(state_dict, strict=True)
 
 
+def rebuilt(arch: str, kwargs: Sequence[Sequence[Any]], num_classes: int, structure: dict[str, dict[str, Any]],
+            state_dict: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+    """A timm classifier built afresh with `structure`'s channel counts and `state_dict`'s tensors, behind its
+    normalisation (`Normalized`), frozen and in eval mode."""
+    from dery.zoo import Normalized, _timm
+
+    net = _timm().create_model(arch, num_classes=int(num_classes),
+                               **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs})
+    restructure(net, structure, state_dict)
+    module = Normalized(net, tuple(mean), tuple(std)).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
 def unit_counts(net: nn.Module) -> dict[str, int]:
     """Output units of every conv and linear layer."""
     return {n: int(m.weight.shape[0]) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}

@@ -20,7 +20,7 @@ import torch.nn as nn
 from dery.errors import USAGE, DeryError
 from dery.zoo import CHECKPOINT_FORMAT, Normalized, read_checkpoint
 
-from .disassemble import Component, restructure, structure_of
+from .disassemble import Component, rebuilt, structure_of
 
 BRANCHES = "dery.branches"
 
@@ -83,19 +83,12 @@ def component_checkpoint(comp: Component, spec: Any, base_classes: int, resoluti
 
 def module_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """The `Normalized` module of a component or assembly checkpoint."""
-    from dery.zoo import _timm
-
     lego = ckpt["lego"]
     if lego["kind"] == "branches":
         parts = [module_from_checkpoint(p) for p in lego["parts"]]
         return Normalized(Branches(parts, lego["order"]), tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["kwargs"]}
-    net = _timm().create_model(ckpt["arch"], num_classes=int(lego["base_classes"]), **kwargs)
-    restructure(net, lego["structure"], ckpt["state_dict"])
-    module = Normalized(net, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+    return rebuilt(ckpt["arch"], ckpt["kwargs"], lego["base_classes"], lego["structure"], ckpt["state_dict"],
+                   ckpt["mean"], ckpt["std"])
 
 
 def read_part(path: Path) -> dict[str, Any]:
