@@ -125,6 +125,14 @@ def _cat_param(m: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, dim: i
         m._buffers[name] = t
 
 
+def _cat_bias(m: nn.Module, b: nn.Module) -> None:
+    """Concatenate the biases of two layers being merged; a missing one (compensation adds biases) counts as 0."""
+    if m.bias is None and b.bias is None:
+        return
+    zero = (lambda layer: layer.weight.new_zeros(layer.weight.shape[0]))  # called before the weights merge
+    _cat_param(m, "bias", m.bias if m.bias is not None else zero(m), b.bias if b.bias is not None else zero(b))
+
+
 def _block_diag(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = a.new_zeros((a.shape[0] + b.shape[0], a.shape[1] + b.shape[1], *tuple(a.shape[2:])))
     out[:a.shape[0], :a.shape[1]] = a
@@ -143,6 +151,8 @@ def _merge_nets(na: nn.Module, nb: nn.Module, image: set[str]) -> nn.Module | No
         own = {k for k, v in list(m._parameters.items()) + list(m._buffers.items()) if v is not None}
         if not own:
             continue
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            _cat_bias(m, b)
         if isinstance(m, nn.Conv2d):
             ga, gb = m.groups, b.groups
             if name in image:
@@ -158,14 +168,10 @@ def _merge_nets(na: nn.Module, nb: nn.Module, image: set[str]) -> nn.Module | No
             else:
                 return None
             m.out_channels = m.out_channels + b.out_channels
-            if m.bias is not None:
-                _cat_param(m, "bias", m.bias, b.bias)
         elif isinstance(m, nn.Linear):
             if name in image:
                 return None
             m._parameters["weight"] = nn.Parameter(_block_diag(m.weight, b.weight), requires_grad=False)
-            if m.bias is not None:
-                _cat_param(m, "bias", m.bias, b.bias)
             m.in_features, m.out_features = m.in_features + b.in_features, m.out_features + b.out_features
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             for k in ("weight", "bias", "running_mean", "running_var"):

@@ -42,6 +42,11 @@ LEGO_SAMPLES = 32
 # Kept channels per dependency group are rounded up to a multiple of this (the largest-norm extra ones), since
 # ONNX Runtime's CPU convolutions run on 8-channel blocks (benchmarks/bench_lego.py measures 1 against 8).
 LEGO_ROUND_TO = 8
+# Training images of the requested classes whose mean layer inputs replace removed channels (in biases).
+LEGO_MEAN_SAMPLES = 512
+# Whether a component keeps removed channels' mean contributions: "auto" keeps them where that is more accurate
+# on the classes' training images (it is on plain CNNs, not on every depthwise one: benchmarks/results/lego.md).
+LEGO_COMPENSATE = "auto"
 
 # Deep Incubation: the weight of the output anchor (0: the paper's plain incubation; see pipeline/incubate.py),
 # epochs of each stage and the learning rate (the CNN rows of benchmarks/results/incubation.md), and the meta
