@@ -82,20 +82,27 @@ def table() -> list[dict]:
         for classes in SUBSETS:
             comp = disassemble(net.module, x, y, classes, d.classes, label=net.name)
             exact = disassemble(net.module, x, y, classes, d.classes, label=net.name, round_to=1)
+            mda, on = (disassemble(net.module, x, y, classes, d.classes, label=net.name, round_to=1, compensate=c)
+                       for c in ("off", "on"))
             wrong_cls = tuple(c for c in range(10) if c not in classes)[:len(classes)]
             wrong = disassemble(net.module, x, y, wrong_cls, d.classes, label=net.name)
             cols = range(len(classes))
-            rand = [task_accuracy(random_component(net.module, comp, x, s).module, xt, yt, classes, cols)
-                    for s in SEEDS]
+            rand, rand_exact = ([task_accuracy(random_component(net.module, c, x, y, s).module, xt, yt, classes, cols)
+                                 for s in SEEDS] for c in (comp, exact))
             rows.append({"model": net.name, "arch": spec.arch, "resolution": res, "classes": list(classes),
                          "whole_params": comp.whole_params, "kept_params": comp.kept_params,
                          "kept_fraction": comp.kept_fraction, "kept_params_exact": exact.kept_params,
+                         "kept_fraction_exact": exact.kept_fraction,
                          "whole_ms": whole_ms, "component_ms": latency_ms(comp.module, net.input_shape),
                          "component_exact_ms": latency_ms(exact.module, net.input_shape),
                          "acc_whole": task_accuracy(net.module, xt, yt, classes),
                          "acc_component": task_accuracy(comp.module, xt, yt, classes, cols),
                          "acc_component_exact": task_accuracy(exact.module, xt, yt, classes, cols),
+                         "acc_component_exact_uncompensated": task_accuracy(mda.module, xt, yt, classes, cols),
+                         "acc_component_exact_compensated": task_accuracy(on.module, xt, yt, classes, cols),
+                         "compensated": comp.compensated, "compensated_exact": exact.compensated,
                          "acc_random": float(np.mean(rand)), "acc_random_seeds": rand,
+                         "acc_random_exact": float(np.mean(rand_exact)), "acc_random_exact_seeds": rand_exact,
                          "acc_wrong": task_accuracy(wrong.module, xt, yt, classes, cols)})
             r = rows[-1]
             print(f"{r['model']:12s} {classes} kept {100 * r['kept_fraction']:.1f}% {r['whole_ms']:.3f} -> "
@@ -139,15 +146,20 @@ def study(classes: str, work: Path) -> dict:
     return {"classes": classes, "zoo_latency_ms": lat, "points": points}
 
 
-def misses(rows: list[dict]) -> list[str]:
+VARIANTS = {"round 8": ("kept_fraction", "acc_component", "acc_random"),
+            "exact": ("kept_fraction_exact", "acc_component_exact", "acc_random_exact")}
+
+
+def misses(rows: list[dict], variant: str) -> list[str]:
     """Each family's missed targets with the measured reason: a random control within 8 points of the whole
     network leaves no room to beat it by 8; a component kept above 40% of the parameters, or more than 5 points
     below its network, says what the located units cost."""
+    k_kept, k_comp, k_rand = VARIANTS[variant]
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
         mean = lambda key: float(np.mean([r[key] for r in rs]))  # noqa: E731
-        kept, whole, comp, rand = mean("kept_fraction"), mean("acc_whole"), mean("acc_component"), mean("acc_random")
+        kept, whole, comp, rand = mean(k_kept), mean("acc_whole"), mean(k_comp), mean(k_rand)
         why = []
         if comp - rand < 0.08:
             room = whole - rand
@@ -156,16 +168,14 @@ def misses(rows: list[dict]) -> list[str]:
                        + (f", so beating it by 8 takes a component {100 * (0.08 - room):.1f} points more accurate "
                           f"than its whole network" if room < 0.08 else ""))
         if whole - comp > 0.05:
-            worst = min(rs, key=lambda r: r["acc_component"] - r["acc_whole"])
+            worst = min(rs, key=lambda r: r[k_comp] - r["acc_whole"])
             why.append(f"loses {100 * (whole - comp):.1f} points to the whole network at {100 * kept:.1f}% of its "
                        f"parameters (worst: classes {','.join(map(str, worst['classes']))}, "
-                       f"{100 * worst['acc_component']:.1f}% against {100 * worst['acc_whole']:.1f}%) while it beats "
-                       f"random by {100 * (comp - rand):.1f}: the located units are the informative ones, but the "
-                       f"paper's thresholds (set on plain CNNs) keep too few of them in this depthwise family")
+                       f"{100 * worst[k_comp]:.1f}% against {100 * worst['acc_whole']:.1f}%)")
         if kept > 0.4:
             why.append(f"keeps {100 * kept:.1f}% of the parameters, not <= 40%, at the paper's thresholds")
         if why:
-            out.append(f"{model}: " + "; ".join(why) + ".")
+            out.append(f"{variant}, {model}: " + "; ".join(why) + ".")
     return out
 
 
@@ -174,37 +184,54 @@ def markdown(doc: dict) -> list[str]:
              f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores_usable']} cores. Digits (distorted), "
              "default thresholds (conv 0.3/0.2, linear 0.4/0.3), at least 32 confidently correct training samples "
              "per class. Accuracy: test split, samples of the subset's classes, argmax over those classes. Random "
-             "control: the same units per dependency group chosen at random (3 seeds, mean). Wrong-class control: "
-             "the component located for as many other classes, its logits read as the task's. Latency: ONNX "
-             "Runtime CPU, 1 thread, batch 1, median of 200 runs. Components here are not parameter-scaled "
-             f"(scaling changes no argmax within one component). `round 8`: kept channels rounded up to multiples "
-             f"of {defaults.LEGO_ROUND_TO} (the default); `exact`: as located (`--round-to 1`).", ""]
+             "control: the same units per dependency group as the component beside it, chosen at random (3 seeds, "
+             "mean). Wrong-class control: the component located for as many other classes, its logits read as the "
+             "task's. Latency: ONNX Runtime CPU, 1 thread, batch 1, median of 200 runs. Components here are not "
+             "parameter-scaled (scaling changes no argmax within one component). `round 8`: kept channels rounded "
+             f"up to multiples of {defaults.LEGO_ROUND_TO} (the default); `exact`: as located (`--round-to 1`). "
+             "Compensation: `on` keeps removed channels' mean contributions over the classes' training images in "
+             "the next layer's bias, `off` removes them as MDA does, `auto` (the default; `*` where it chose `on`) "
+             "keeps whichever is more accurate on the classes' training images; random controls choose the same "
+             "way.", ""]
     rows = doc.get("table", [])
     if rows:
-        lines += ["| model | px | classes | kept params (round 8) | latency whole -> exact / round 8 (ms) | "
-                  "acc whole | acc component (exact) | acc random | acc wrong-class |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| model | px | classes | kept params: round 8 (exact) | latency whole -> exact / round 8 (ms) | "
+                  "acc whole | round 8 | random, round-8 units | exact | exact, on | exact, off (MDA) | "
+                  "random, exact units | wrong-class |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['model']} | {r['resolution']} | {','.join(map(str, r['classes']))} | "
-                         f"{r['kept_params']:,} ({100 * r['kept_fraction']:.1f}%) | {r['whole_ms']:.3f} -> "
-                         f"{r['component_exact_ms']:.3f} / {r['component_ms']:.3f} | {100 * r['acc_whole']:.1f} | "
-                         f"{100 * r['acc_component']:.1f} ({100 * r['acc_component_exact']:.1f}) | "
-                         f"{100 * r['acc_random']:.1f} | {100 * r['acc_wrong']:.1f} |")
+                         f"{100 * r['kept_fraction']:.1f}% ({100 * r['kept_fraction_exact']:.1f}%) | "
+                         f"{r['whole_ms']:.3f} -> {r['component_exact_ms']:.3f} / {r['component_ms']:.3f} | "
+                         + " | ".join(f"{100 * r[k]:.1f}{'*' if r.get(flag) else ''}" for k, flag in (
+                             ("acc_whole", None), ("acc_component", "compensated"), ("acc_random", None),
+                             ("acc_component_exact", "compensated_exact"), ("acc_component_exact_compensated", None),
+                             ("acc_component_exact_uncompensated", None), ("acc_random_exact", None),
+                             ("acc_wrong", None))) + " |")
         lines += ["", "## Per family (mean over subsets)", "",
-                  "| model | kept params | whole - component (points) | component - random (points) | "
-                  "latency component / whole: exact, round 8 | within 5 points at <= 40% params | "
-                  "beats random by >= 8 points |", "|---|---|---|---|---|---|---|"]
+                  "| model | variant | kept params | whole - component (points) | component - random (points) | "
+                  "latency component / whole | within 5 points at <= 40% params | beats random by >= 8 points |",
+                  "|---|---|---|---|---|---|---|---|"]
         for model in dict.fromkeys(r["model"] for r in rows):
             rs = [r for r in rows if r["model"] == model]
-            kept = float(np.mean([r["kept_fraction"] for r in rs]))
-            gap = 100 * float(np.mean([r["acc_whole"] - r["acc_component"] for r in rs]))
-            lift = 100 * float(np.mean([r["acc_component"] - r["acc_random"] for r in rs]))
-            ratio = [float(np.mean([r[k] / r["whole_ms"] for r in rs])) for k in ("component_exact_ms",
-                                                                                   "component_ms")]
-            lines.append(f"| {model} | {100 * kept:.1f}% | {gap:.1f} | {lift:.1f} | {ratio[0]:.2f}, {ratio[1]:.2f} | "
-                         f"{'yes' if gap <= 5 and kept <= 0.4 else 'no'} | {'yes' if lift >= 8 else 'no'} |")
+            for variant, (k_kept, k_comp, k_rand) in VARIANTS.items():
+                kept = float(np.mean([r[k_kept] for r in rs]))
+                gap = 100 * float(np.mean([r["acc_whole"] - r[k_comp] for r in rs]))
+                lift = 100 * float(np.mean([r[k_comp] - r[k_rand] for r in rs]))
+                ms = "component_ms" if variant == "round 8" else "component_exact_ms"
+                ratio = float(np.mean([r[ms] / r["whole_ms"] for r in rs]))
+                lines.append(f"| {model} | {variant} | {100 * kept:.1f}% | {gap:.1f} | {lift:.1f} | {ratio:.2f} | "
+                             f"{'yes' if gap <= 5 and kept <= 0.4 else 'no'} | {'yes' if lift >= 8 else 'no'} |")
+        lines += ["", "Compensation, exact components (points, mean over subsets): the default `auto` and always `on`, "
+                      "each against MDA's plain removal (`off`):", "",
+                  "| model | auto - off | on - off | auto chose on |", "|---|---|---|---|"]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            rs = [r for r in rows if r["model"] == model]
+            gain = [100 * float(np.mean([r[k] - r["acc_component_exact_uncompensated"] for r in rs]))
+                    for k in ("acc_component_exact", "acc_component_exact_compensated")]
+            lines.append(f"| {model} | {gain[0]:+.1f} | {gain[1]:+.1f} | "
+                         f"{sum(r['compensated_exact'] for r in rs)} of {len(rs)} |")
         lines += ["", "Where a family misses a target, and why (from the rows above):", ""]
-        lines += [f"- {why}" for why in misses(rows)]
+        lines += [f"- {why}" for variant in VARIANTS for why in misses(rows, variant)]
     for st in doc.get("study", []):
         wins = sum(p["win"] for p in st["points"])
         lines += ["", f"## dery-compile --classes {st['classes']} (default zoo, K = 4, --partition-slack {SLACK:g}, "
