@@ -11,18 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dery.targets import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine(*packages: str, **extra: Any) -> dict:

@@ -72,6 +72,9 @@ def _compile_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="latency budget of the compiled engine in milliseconds (hard constraint)")
     _zoo_args(p)
     p.add_argument("--out", type=Path, default=Path(defaults.OUT), help=f"output directory (default {defaults.OUT}/)")
+    p.add_argument("--rerun", action="store_true",
+                   help="run every stage again even when the same command and inputs already finished (each stage "
+                        "is still served from its own cache); the new outputs replace the run cache's")
     p.add_argument("--classes", help="compile a classifier for these classes only (comma-separated indices or "
                                      "names): every member takes part whole and as its Model LEGO component")
     p.add_argument("--params-limit", type=non_negative, help="optional upper bound on parameters")
@@ -120,9 +123,19 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .driver import run_compile
+    from . import progress, runs
 
-    report = run_compile(_config(args))
+    key = runs.run_key(args) if runs.cacheable(args) else None
+    report = runs.recall(key, args.out) if key is not None and not args.rerun else None
+    if report is not None:
+        progress.say(f"same command and inputs as a finished run: its outputs are copied from the run cache "
+                     f"({runs.entry(key)}); --rerun runs every stage again")
+    else:
+        from .driver import run_compile
+
+        report = run_compile(_config(args))
+        if key is not None and report["status"] == "ok":
+            runs.remember(key, args.out, report, replace=args.rerun)
     acc = report["accuracy"]
     measured = report["measured_latency_ms"]
     print(f"{report['status'].split(':')[0]}: {args.out / report['engine']} "

@@ -86,6 +86,46 @@ def test_second_run_reuses_everything_and_gives_the_same_report(first, tiny, bud
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
 
 
+def test_the_same_command_is_answered_from_the_run_cache(first, budget, tmp_path, monkeypatch, capsys) -> None:
+    import argparse
+
+    import dery.driver
+    from dery import cli, runs
+
+    base = ["--target", "cpu", "--latency-ms", repr(budget), "--zoo", "tiny", "--k", "3", "--finetune", "none"]
+    assert cli.compile_main([*base, "--out", str(tmp_path / "a")]) == 0  # every stage served from `first`'s cache
+    report = json.loads((tmp_path / "a" / "report.json").read_bytes())
+    assert without_run(report) == without_run(first[0])
+
+    def run_compile(cfg):
+        raise AssertionError("a stage ran although the same command had finished")
+
+    monkeypatch.setattr(dery.driver, "run_compile", run_compile)
+    capsys.readouterr()
+    assert cli.compile_main([*base, "--out", str(tmp_path / "b")]) == 0
+    for name in runs.outputs(report):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+
+    parse = lambda argv: cli._compile_parser(argparse.ArgumentParser()).parse_args(argv)  # noqa: E731
+    target = tmp_path / "t.toml"
+    target.write_bytes(Path(get_target("cpu").path).read_bytes())
+    key = runs.run_key(parse([*base, "--out", "x"]))
+    assert runs.run_key(parse([*base, "--out", "elsewhere"])) == key  # where outputs go changes nothing in them
+    assert runs.run_key(parse([*base, "--out", "x", "--seed", "1"])) != key
+    with_file = runs.run_key(parse([*base[:1], str(target), *base[2:]]))
+    target.write_bytes(target.read_bytes() + b"\n# edited\n")
+    assert runs.run_key(parse([*base[:1], str(target), *base[2:]])) != with_file  # a target file by its contents
+
+    calls = []
+    monkeypatch.setattr(dery.driver, "run_compile", lambda cfg: calls.append(cfg) or report)
+    assert cli.compile_main([*base, "--out", str(tmp_path / "a"), "--rerun"]) == 0 and len(calls) == 1
+
+    damaged = runs.entry(key) / report["engine"]
+    damaged.write_bytes(b"garbage")
+    assert cli.compile_main([*base, "--out", str(tmp_path / "c")]) != 0
+    assert str(damaged) in capsys.readouterr().err and not (tmp_path / "c" / "report.json").exists()
+
+
 def without_run(report: dict) -> dict:
     """A report less its `run` section (wall-clock timings and what this run measured), which differs by run."""
     return {k: v for k, v in report.items() if k != "run"}
