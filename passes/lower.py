@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from dery.errors import DeryError, InternalError
-from dery.ir import Block, CutPoint
+from dery.ir import GRAPH_REVISION, Block, CutPoint
 from dery.zoo import Network
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -255,7 +255,7 @@ class Lowered:
         for name, t in sorted({**dict(sub.named_parameters()), **dict(sub.named_buffers())}.items()):
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         shape = self.network.input_shape if first is None else self.cut(first).shape[1:]
-        h.update(f"in:{tuple(shape)}:float32".encode())
+        h.update(f"in:{tuple(shape)}:float32:graph{GRAPH_REVISION}".encode())
         return h.hexdigest()[:24]
 
     def block(self, first: str | None, last: str | None) -> Block:

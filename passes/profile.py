@@ -52,7 +52,7 @@ from dery.backends import Backend, Piece, availability, get_backend
 from dery.cache import Cache, content_key
 from dery.defaults import Profiling
 from dery.errors import DeryError
-from dery.ir import LatencyRecord, Partition, utc_timestamp
+from dery.ir import GRAPH_REVISION, LatencyRecord, Partition, utc_timestamp
 from dery.measure import Method
 from dery.onnx_graph import INPUT, OUTPUT, chain, cut_tensor, export, extract
 from dery.passes.lower import Lowered
@@ -138,7 +138,7 @@ class Costs:
 def network_onnx(lowered: Lowered, cuts: Sequence[str], batch: int, cache: Cache) -> onnx.ModelProto:
     """The network's ONNX with the named cuts as extra outputs (cached by weights and cuts)."""
     net = lowered.network
-    key = content_key("onnx", net.spec.arch, net.weights_key, list(cuts), batch, torch.__version__)
+    key = content_key("onnx", net.spec.arch, net.weights_key, list(cuts), batch, torch.__version__, GRAPH_REVISION)
 
     def make() -> onnx.ModelProto:
         x = torch.rand(batch, *net.input_shape)
@@ -166,7 +166,7 @@ def stitches_onnx(stitches: Stitches, batch: int, cache: Cache) -> onnx.ModelPro
     """All stitches exported together (inputs in:<name>, outputs out:<name>), cached."""
     keys = sorted(stitches.modules)
     key = content_key("stitch-onnx", [(k, s.fingerprint, s.weights) for k in keys for s in [stitches.get(*k)]],
-                      batch, torch.__version__)
+                      batch, torch.__version__, GRAPH_REVISION)
 
     def make() -> onnx.ModelProto:
         mods = [stitches.modules[k] for k in keys]

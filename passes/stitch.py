@@ -39,7 +39,7 @@ from dery import progress
 from dery.cache import Cache, atomic_write, content_key, damaged
 from dery.data import Dataset
 from dery.errors import DeryError
-from dery.ir import CutPoint, Partition, Stitch
+from dery.ir import GRAPH_REVISION, CutPoint, Partition, Stitch
 from dery.passes.lower import Lowered
 from dery.training import fit, mean_loss
 
@@ -149,7 +149,7 @@ def stitch_cost(src: CutPoint, dst: CutPoint) -> tuple[int, int]:
 def stitch_fingerprint(src: CutPoint, dst: CutPoint) -> str:
     """What decides a stitch's latency: its layouts, shapes and prefix tokens."""
     return content_key("stitch", src.layout, src.shape[1:], src.prefix_tokens, dst.layout, dst.shape[1:],
-                       dst.prefix_tokens)
+                       dst.prefix_tokens, GRAPH_REVISION)
 
 
 class _Normal:

@@ -15,6 +15,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# How dery writes a piece's or an engine's graph (dery.onnx_graph): part of every latency fingerprint and export
+# key, so records and exports made with an earlier graph writer are not reused. 2: identity Gathers as Reshapes.
+GRAPH_REVISION = 2
+
 
 @dataclass(frozen=True)
 class CutPoint:
