@@ -56,3 +56,33 @@ def mcnemar(a: Any, b: Any) -> float:
     if only_a + only_b == 0:
         return 1.0
     return float(scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def engine_latencies(assemblies: list[tuple[str, ...]], zoo: list, partition: Any, stitches: Any, target: Any,
+                     pace: Any, chunk: int | None = None) -> list[tuple[Any, float, float]]:
+    """Compile assemblies into engines as `dery-compile` does (torch.onnx export, then the backend) in a scratch
+    directory and measure them end to end, `chunk` at a time together with the reference graph, as the profile
+    measures pieces: (timing with its median at the anchor's speed, the group's reference ms, the anchor) each."""
+    import tempfile
+
+    from dery.backends import get_backend
+    from dery.defaults import Profiling
+    from dery.measure import Method
+    from dery.passes.assemble import assemble
+    from dery.passes.compile import compile_engine
+    from dery.reference import measure_referenced, reference_piece
+
+    backend = get_backend(target.backend)
+    chunk = chunk or Profiling.chunk
+    out = []
+    for start in range(0, len(assemblies), chunk):
+        with tempfile.TemporaryDirectory(prefix="dery-engines-") as tmp:
+            steps = []
+            for i, models in enumerate(assemblies[start:start + chunk]):
+                _, module = assemble(zoo, partition, stitches, models)
+                engine = compile_engine(module, zoo[0].network.input_shape, target, Path(tmp), name=f"assembly{i}")
+                steps.append(backend.engine_step(engine.path, target))
+            timings, reference_ms, anchor_ms, _ = measure_referenced(
+                steps, backend.step(reference_piece(), target), Method(), pace)
+            out += [(t, reference_ms, anchor_ms) for t in timings]
+    return out

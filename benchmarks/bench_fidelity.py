@@ -44,7 +44,7 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     """The pipeline up to calibration, then `count` held-out random assemblies compiled and measured."""
     from dery.driver import CompileConfig, Search, front
     from dery import defaults
-    from dery.passes.calibrate import calibrate, engine_latencies, random_assemblies, switches
+    from dery.passes.calibrate import calibrate, random_assemblies, switches
     from dery.passes.solve import assembly_ids
     from dery.passes.verify import identity
     from dery.profile_store import fit_calibration, group_of
@@ -52,8 +52,7 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     t0 = time.perf_counter()
     s = front(CompileConfig(target="cpu", latency_ms=1.0, zoo=zoo, k=k, out=out, probe=128, measure="all"))
     # The largest calibration of the ablation below (a seeded draw of n is the first n of a draw of more).
-    calibrate(s.lowered, s.partition, s.stitches, s.costs, s.target, s.store, assemblies=max(CALIBRATION_SIZES),
-              profiler=s.profiler)
+    calibrate(s.lowered, s.partition, s.stitches, s.profiler, s.target, s.store, assemblies=max(CALIBRATION_SIZES))
     setup_s = time.perf_counter() - t0
     seen = {p.assembly for p in s.store.calibration_points(group_of(s.target, s.device))}
     pool = random_assemblies(s.partition, s.stitches, count + 40, seed=12345)
@@ -61,7 +60,7 @@ def run_zoo(name: str, zoo: str, k: int, count: int, out: Path) -> dict:
     program = Search(s, out).problem(1e9)
     t0 = time.perf_counter()
     group = group_of(s.target, s.device)
-    measured = engine_latencies(held_out, s.lowered, s.partition, s.stitches, s.target, pace=s.store.pace(group))
+    measured = common.engine_latencies(held_out, s.lowered, s.partition, s.stitches, s.target, s.store.pace(group))
     rows = []
     for models, (timing, reference, _) in zip(held_out, measured):
         blocks, boundaries = s.costs.sums(models)

@@ -52,8 +52,8 @@ def main() -> None:
             lazy = profile(full.lowered, full.partition, full.stitches, full.target, full.store, full.cache,
                            settings=settings, on_demand=True)
             first = len(lazy.found)
-            cal = calibrate(full.lowered, full.partition, full.stitches, lazy.costs(), full.target, full.store,
-                            seed=full.config.seed, settings=settings, profiler=lazy)
+            cal = calibrate(full.lowered, full.partition, full.stitches, lazy, full.target, full.store,
+                            seed=full.config.seed, settings=settings)
             lazy.settle_floors()
             calibrated = len(lazy.found)
             search = Search(dataclasses.replace(full, profiler=lazy, costs=lazy.costs(), calibration=cal), Path(tmp))

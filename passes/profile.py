@@ -179,8 +179,13 @@ def stitches_onnx(stitches: Stitches, batch: int, cache: Cache) -> onnx.ModelPro
                              load=lambda p: onnx.load(str(p)), what="ONNX export")
 
 
-def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, batch: int,
-           cache: Cache) -> dict[tuple, Piece]:
+def stitch_bundle(stitches: Stitches, batch: int, cache: Cache) -> Callable[[], onnx.ModelProto]:
+    """The stitches' ONNX (`stitches_onnx`), built or loaded once when first asked for."""
+    return functools.cache(lambda: stitches_onnx(stitches, batch, cache))
+
+
+def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, batch: int, cache: Cache,
+           bundle: Callable[[], onnx.ModelProto] | None = None) -> dict[tuple, Piece]:
     """Every piece of the search space: ("block", model, k), ("joint", a, b, j) for every boundary an assembly
     can have, ("triple", a, b, c, j) for every two adjacent ones, ("network", model)."""
     out: dict[tuple, Piece] = {}
@@ -195,7 +200,7 @@ def pieces(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, bat
                                              lambda lw=lw, b=block: lw.segment(b.first, b.last))
         out["network", lw.name] = Piece(lw.name, lw.fingerprint(None, None), lw.network.input_shape,
                                         lambda m=model: extract(m(), INPUT, OUTPUT), lambda lw=lw: lw.network.module)
-    bundle = functools.cache(lambda: stitches_onnx(stitches, batch, cache))
+    bundle = bundle or stitch_bundle(stitches, batch, cache)
     joins = [(a, b, j) for j in range(partition.k - 1) for a in partition.models for b in partition.models
              if a == b or stitches.get(a, b, j) is not None]
     for a, b, j in joins:
@@ -395,6 +400,8 @@ class Profiler:
     """The latency records of one search space, measured as they are asked for; `costs()` is what they give."""
 
     items: dict[tuple, Piece]
+    stitches: Stitches
+    bundle: Callable[[], onnx.ModelProto]  # the stitches' graphs (`stitch_bundle`)
     target: Target
     store: ProfileStore
     method: Method
@@ -419,6 +426,10 @@ class Profiler:
         self.fresh |= {*fresh, *again}
         return len(fresh) + len(again)
 
+    def assembly(self, models: Sequence[str]) -> Piece:
+        """A whole assembly as one graph, its blocks' and stitches' graphs joined as a joint's are (no export)."""
+        return run_piece(models, 0, self.items, self.stitches, self.bundle)
+
     def settle_floors(self) -> None:
         """Fix the floors of unmeasured terms from what is measured now (nothing is unmeasured without
         `on_demand`)."""
@@ -438,8 +449,9 @@ def profile(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, ta
     """The profile pass: a latency record for every block, joint, triple and zoo member (with `on_demand`,
     for the blocks, the members and the members' own joints and triples, the rest left to the solve), with any
     odd context term's pieces measured again."""
-    items = pieces(zoo, partition, stitches, target.batch, cache)
-    profiler = Profiler(items, target, store, method, settings, on_missing, on_demand=on_demand)
+    bundle = stitch_bundle(stitches, target.batch, cache)
+    items = pieces(zoo, partition, stitches, target.batch, cache, bundle)
+    profiler = Profiler(items, stitches, bundle, target, store, method, settings, on_missing, on_demand=on_demand)
     profiler.ensure(first_keys(items) if on_demand else list(items))
     profiler.settle_floors()
     return profiler

@@ -209,8 +209,8 @@ def _profile(s: Session) -> None:
 def _calibrate(s: Session) -> None:
     from dery.passes.calibrate import calibrate
 
-    s.calibration = calibrate(s.lowered, s.partition, s.stitches, s.costs, s.target, s.store, seed=s.config.seed,
-                              settings=s.config.profiling, profiler=s.profiler)
+    s.calibration = calibrate(s.lowered, s.partition, s.stitches, s.profiler, s.target, s.store, seed=s.config.seed,
+                              settings=s.config.profiling)
     s.profiler.settle_floors()
     s.costs = s.profiler.costs()
 

@@ -318,7 +318,7 @@ def test_calibration_points_of_the_zoo_are_stored_once(tiny) -> None:
     group = group_of(tiny.target, tiny.device)
     before = tiny.store.calibration_points(group)
     assert len(before) >= len(tiny.lowered) + 1 and any(p.stitches > 0 for p in before)
-    cal = calibrate(tiny.lowered, tiny.partition, tiny.stitches, tiny.costs, tiny.target, tiny.store)
+    cal = calibrate(tiny.lowered, tiny.partition, tiny.stitches, tiny.profiler, tiny.target, tiny.store)
     assert tiny.store.calibration_points(group) == before and cal == tiny.calibration
 
 
@@ -364,8 +364,7 @@ def test_measuring_on_demand_gives_the_full_tables_answers(tiny, tmp_path) -> No
     full = tiny.costs
     lazy = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, tiny.target, tiny.store, tiny.cache,
                                 on_demand=True)
-    cal = calibrate(tiny.lowered, tiny.partition, tiny.stitches, lazy.costs(), tiny.target, tiny.store,
-                    profiler=lazy)
+    cal = calibrate(tiny.lowered, tiny.partition, tiny.stitches, lazy, tiny.target, tiny.store)
     lazy.settle_floors()
     assert cal == tiny.calibration and not lazy.fresh  # the store the full run filled answers every piece
     first = len(lazy.found)
