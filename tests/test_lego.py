@@ -201,6 +201,48 @@ def test_compensation_keeps_a_removed_constant_channel_exactly():
         assert float((kept(x) - want).abs().max()) <= 1e-4 < float((dropped(x) - want).abs().max())
 
 
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenetv3_small_050", "mobilenext_035", "resnet18"])
+def test_channels_nothing_reads_are_removed_from_a_timm_net_exactly(arch):
+    """In every dependency group that a conv or linear layer roots (a depthwise conv, a squeeze-excite gate,
+    an add tie channels into one), half the channels are made unread: every layer that reads the group's
+    channels gets zero weights on them, and their own outputs stay. Removing those channels physically must
+    leave the network's logits unchanged; a group torn apart fails to run or changes them. (ConvNeXt is not
+    here: its LayerNorm reads every channel, so removing channels changes the others' normalisation.)"""
+    import timm
+
+    import dery.models  # noqa: F401 - registers mobilenext
+
+    torch.manual_seed(0)
+    net = timm.create_model(arch, num_classes=10, drop_rate=0.0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    roots: set[nn.Module] = set()
+
+    def half(size):
+        return torch.arange(size) % 2 == 0
+
+    def zero_readers(dg, group, root, size):  # first pass: nothing removed, the readers zeroed
+        if root is not net.get_classifier() and size >= 8:
+            roots.add(root)
+            for item in dg.get_pruning_group(root, group[0].dep.handler, (~half(size)).nonzero().flatten().tolist()):
+                layer = item.dep.target.module
+                if dg.is_in_channel_pruning_fn(item.dep.handler) and isinstance(layer, (nn.Conv2d, nn.Linear)) \
+                        and getattr(layer, "groups", 1) == 1:
+                    with torch.no_grad():
+                        layer.weight[:, list(item.idxs)] = 0
+        return torch.ones(size, dtype=torch.bool)
+
+    _prune_groups(net, x[:1], zero_readers)
+    with torch.no_grad():
+        want = net(x)
+    before = sum(p.numel() for p in net.parameters())
+    _prune_groups(net, x[:1], lambda dg, group, root, size: half(size) if root in roots
+                  else torch.ones(size, dtype=torch.bool))
+    with torch.no_grad():
+        got = net(x)
+    assert len(roots) >= 8 and sum(p.numel() for p in net.parameters()) < 0.6 * before
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
 def test_rounding_adds_the_largest_norm_dropped_channels():
     conv = nn.Conv2d(1, 6, 1, bias=False)
     with torch.no_grad():
