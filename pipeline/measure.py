@@ -38,7 +38,9 @@ class Method:
     windows: int = 5
     warmup_s: float = 0.02
     min_iters: int = 10
-    window_s: float = 0.06
+    # A quarter of the 0.06 s this was: pieces repeat as well across passes and read within 0.43% (median) of
+    # the longer windows', in 0.47x the time (benchmarks/results/window.md).
+    window_s: float = 0.015
     max_iters: int = 100_000
     max_spread: float = 0.05
     extra_windows: int = 5
