@@ -8,7 +8,8 @@ the first one's cache, and, as the control, one cold run with `--measure all`
 (every block, joint and triple before the solve). Records each wall time, the
 per-pass timings report.json carries, the pieces measured, and whether the
 reports agree: report.json less its `run` section (wall-clock timings and what
-that run measured) byte for byte. Writes benchmarks/results/rerun.md and rerun.json.
+that run measured) byte for byte, and report.json itself byte for byte (the warm
+run is answered from the run cache, `pipeline/runs.py`). Writes benchmarks/results/rerun.md and rerun.json.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def run(args: list[str], env: dict[str, str], out: Path) -> dict:
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    report = json.loads((out / "report.json").read_text())
-    return {"wall_s": wall, "report": report, "stdout": done.stdout.strip()}
+    raw = (out / "report.json").read_bytes()
+    return {"wall_s": wall, "report": json.loads(raw), "raw": raw, "stdout": done.stdout.strip()}
 
 
 def stable(report: dict) -> str:
@@ -65,13 +66,15 @@ def main() -> None:
     cold = [r["wall_s"] for name, r in runs.items() if name.startswith("cold ")]
     reference = stable(runs["cold 1"]["report"])
     same = {name: stable(r["report"]) == reference for name, r in runs.items()}
+    identical = {name: r["raw"] == runs["cold 1"]["raw"] for name, r in runs.items()}
     pieces = runs["cold 1"]["report"]["latency_pieces"]
     doc = {"command": " ".join(["dery-compile", *base[1:]]), "machine": common.machine(),
            "cold_median_s": statistics.median(cold), "runs": {
                name: {"wall_s": r["wall_s"], "timings_s": r["report"]["run"]["timings_s"],
                       "pieces_measured": r["report"]["run"]["pieces_measured"],
                       "assembly": [a["model"] for a in r["report"]["assembly"]], "status": r["report"]["status"],
-                      "same_report": same[name]} for name, r in runs.items()},
+                      "same_report": same[name], "identical_report": identical[name]}
+               for name, r in runs.items()},
            "latency_pieces": pieces}
     if "cold, --measure all" in runs:
         doc["control_ratio"] = runs["cold, --measure all"]["wall_s"] / doc["cold_median_s"]
@@ -82,13 +85,13 @@ def main() -> None:
              "cache; the warm run reuses the first cold run's. The control measures every block, joint and triple "
              "before it solves (`--measure all`, the behaviour before measurement on demand). *same report*: "
              "report.json less its `run` section (wall-clock timings, pieces measured by that run) equals the "
-             "first cold run's.", "",
-             "| run | wall s | pieces measured | " + " | ".join(passes) + " | assembly | same report |",
-             "|---|---|---|" + "---|" * len(passes) + "---|---|"]
+             "first cold run's; *identical*: report.json itself is byte-identical to the first cold run's.", "",
+             "| run | wall s | pieces measured | " + " | ".join(passes) + " | assembly | same report | identical |",
+             "|---|---|---|" + "---|" * len(passes) + "---|---|---|"]
     for name, r in doc["runs"].items():
         lines.append(f"| {name} | {r['wall_s']:.1f} | {r['pieces_measured']} | "
                      + " | ".join(f"{r['timings_s'].get(p, 0.0):.1f}" for p in passes)
-                     + f" | {' > '.join(r['assembly'])} | {r['same_report']} |")
+                     + f" | {' > '.join(r['assembly'])} | {r['same_report']} | {r['identical_report']} |")
     lines += ["", f"Median of the {len(cold)} cold runs: **{doc['cold_median_s']:.1f} s**"
               + (f"; the control took {doc['control_ratio']:.2f}x as long." if "control_ratio" in doc else "."),
               f"The answer rests on {pieces['asked']} of the search space's {pieces['search_space']} latency "
