@@ -42,7 +42,6 @@ from dery import defaults, progress
 from dery.errors import USAGE, DeryError
 
 PART = "@part"  # suffix of a component's name in `dery-compile --classes`
-COMPENSATE = ("auto", "on", "off")
 
 
 def component_of(name: str) -> str | None:
@@ -554,8 +553,9 @@ def _pruned(module: nn.Module, build: Callable[[nn.Module, torch.Tensor, dict[st
             ) -> tuple[nn.Module, bool]:
     """A frozen copy of `module` pruned by `build(net, example, means)`, with or without compensation as
     `compensate` says ("auto": the more accurate on the classes' training images; plain removal on a tie)."""
-    if compensate not in COMPENSATE:
-        raise DeryError(f"compensate {compensate!r} is not one of {', '.join(COMPENSATE)}", exit_code=USAGE)
+    if compensate not in defaults.LEGO_COMPENSATIONS:
+        raise DeryError(f"compensate {compensate!r} is not one of {', '.join(defaults.LEGO_COMPENSATIONS)}",
+                        exit_code=USAGE)
     with torch.no_grad():
         x = images[torch.isin(labels, torch.tensor(list(classes)))]
         normalised = (x[:defaults.LEGO_MEAN_SAMPLES] - module.mean) / module.std

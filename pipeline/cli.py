@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"keep a multiple of this many channels per dependency group, adding the largest-norm ones "
                         f"(default {defaults.LEGO_ROUND_TO}, the CPU kernels' block; 1 keeps exactly the located ones)")
     p.add_argument("--no-scale", action="store_true", help="skip parameter scaling of the logits")
-    p.add_argument("--compensate", choices=("auto", "on", "off"), default=defaults.LEGO_COMPENSATE,
+    p.add_argument("--compensate", choices=defaults.LEGO_COMPENSATIONS, default=defaults.LEGO_COMPENSATE,
                    help="keep removed channels' mean contributions over the classes' training images in the next "
                         "layer's bias (on), remove them outright as MDA does (off), or keep whichever is more "
                         f"accurate on those training images (auto; default {defaults.LEGO_COMPENSATE})")

@@ -47,6 +47,7 @@ LEGO_MEAN_SAMPLES = 512
 # Whether a component keeps removed channels' mean contributions: "auto" keeps them where that is more accurate
 # on the classes' training images (it is on plain CNNs, not on every depthwise one: benchmarks/results/lego.md).
 LEGO_COMPENSATE = "auto"
+LEGO_COMPENSATIONS = ("auto", "on", "off")
 
 # Deep Incubation: the weight of the output anchor (0: the paper's plain incubation; see pipeline/incubate.py),
 # epochs of each stage and the learning rate (the CNN rows of benchmarks/results/incubation.md), and the meta
