@@ -69,6 +69,8 @@ class Profiling:
     chunk: int = 32  # pieces (or calibration engines) measured together; saved, and resumed, per chunk
     odd_context: float = 0.2  # a context term this large a share of its triple is measured again (real: < 10%)
     context_retries: int = 2  # more measurements of an odd context term's pieces
+    slow_retries: int = 1  # more measurements of a group whose reference ran slow against the run's quickest
+    calibration_off: float = 0.1  # a calibration engine this far off its in-context sum is measured again
     floor_margin: float = 0.5  # an unmeasured term's floor: this share of its largest block below its members' own
     floors: str = "own"  # "own": each unmeasured term below its members' own terms; "zoo": below the zoo's lowest
     verify_attempts: int = 3  # engine measurements, in all, before a disturbed reading is reported as noisy

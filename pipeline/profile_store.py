@@ -57,6 +57,11 @@ class CalibrationPoint(Group):
         return "|".join((self.target, self.device, self.backend, self.backend_version, self.precision,
                          str(self.batch), self.assembly))
 
+    @property
+    def sum_ms(self) -> float:
+        """The in-context sum: blocks plus boundaries, with no fit."""
+        return self.blocks_ms + self.boundaries_ms
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,10 @@ in a spell (a piece's fastest window can be clean by luck, not all of them).
 While that time is more than `SLOW` above the quickest the device has had (the
 store's records), the group takes more rounds of windows (`Method.slow_rounds`),
 every piece keeping its fastest window, until most of the reference's windows
-are quick again. A group still slow after them is flagged in its records.
+are quick again. A group still slow after them is flagged in its records, and
+a pass measures again, at its end, every group slower than the quickest it saw
+(`dery.passes.profile.measure_groups`): the first group of a fresh store has
+nothing before it to compare with.
 
 The machine's speed also drifts by a few percent over tens of seconds (a
 neighbour's load, the host's clock), on every core alike, and pieces measured

@@ -322,6 +322,47 @@ def test_calibration_points_of_the_zoo_are_stored_once(tiny) -> None:
     assert tiny.store.calibration_points(group) == before and cal == tiny.calibration
 
 
+def test_a_calibration_engine_read_far_off_its_sum_is_measured_again(tiny, tmp_path, monkeypatch) -> None:
+    """On a fresh store, the first reading of one calibration engine comes out 3x slow: it is measured again
+    and its point keeps the quicker reading; the rest are read once. With the check off (the control) the slow
+    reading is the point, and the fit moves."""
+    from dery import defaults
+    from dery.cache import Cache
+    from dery.passes.calibrate import calibrate, random_assemblies
+    from dery.passes.verify import identity
+    from dery.profile_store import group_of
+
+    odd = random_assemblies(tiny.partition, tiny.stitches, defaults.CALIBRATION_ASSEMBLIES, defaults.SEED)[0]
+    fingerprint = tiny.profiler.assembly(odd).fingerprint
+    readings: list[float] = []
+    real = profile_pass.measure_pieces
+
+    def disturbed(chunk, *args):
+        records = real(chunk, *args)
+        for i, piece in enumerate(chunk):
+            if piece.fingerprint == fingerprint:
+                slow = not readings
+                records[i] = dataclasses.replace(records[i], median_ms=records[i].median_ms * (3 if slow else 1))
+                readings.append(records[i].median_ms)
+        return records
+
+    monkeypatch.setattr(profile_pass, "measure_pieces", disturbed)
+    fits = {}
+    for off in (Profiling().calibration_off, float("inf")):
+        readings.clear()
+        store = ProfileStore(Cache(tmp_path / str(off)), "cpu")
+        fits[off] = calibrate(tiny.lowered, tiny.partition, tiny.stitches, tiny.profiler, tiny.target, store,
+                              settings=Profiling(calibration_off=off))
+        points = {p.assembly: p for p in store.calibration_points(group_of(tiny.target, tiny.device))}
+        kept = points[identity(odd, tiny.partition, tiny.stitches, tiny.lowered)].measured_ms
+        assert len(points) == len(tiny.partition.models) + defaults.CALIBRATION_ASSEMBLIES
+        if off == float("inf"):
+            assert len(readings) == 1 and kept == readings[0]
+        else:
+            assert len(readings) == 2 and readings[1] < readings[0] and kept == readings[1]
+    assert fits[Profiling().calibration_off].max_error < fits[float("inf")].max_error
+
+
 def test_the_program_prices_every_assembly_at_its_calibrated_in_context_sum(tiny, tmp_path) -> None:
     """With K = 3 an assembly's in-context latency (blocks, each boundary's joint less its blocks, the
     adjacent pair's triple less its joints plus its middle block) telescopes to its triple's record: the
@@ -459,7 +500,7 @@ def test_context_terms_combine_records_of_groups_measured_at_different_speeds(ti
     windows: list[int] = []
     monkeypatch.setattr(measure_module, "_window", lambda step, method: windows.append(1) or real_window(step, method))
     speeds = (1.0, 1.1, 1.2, 1.3)
-    settings = Profiling(chunk=8)
+    settings = Profiling(chunk=8, slow_retries=0)  # the groups' speeds are scripted: measuring again would not help
     items, base, groups = scripted_machine(tiny, monkeypatch, lambda g: speeds[g % 4], lambda g, p: 1.0, seen=1.0)
     store = ProfileStore(Cache(tmp_path), "cpu")
     costs = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"), store, tiny.cache,
@@ -482,6 +523,32 @@ def test_context_terms_combine_records_of_groups_measured_at_different_speeds(ti
                                  ProfileStore(Cache(tmp_path), "cpu"), tiny.cache, method=QUICK,
                                  settings=settings).costs()
     assert again.measured == 0 and again.triples == costs.triples
+
+
+def test_a_first_group_measured_in_a_slow_spell_is_measured_again_at_the_end(tiny, tmp_path, monkeypatch) -> None:
+    """On a fresh store the first group runs 1.3x slow, half of which the reference sees: with nothing
+    quicker before it, it takes no extra rounds and its records come out 14% slower than every later group's.
+    Once the later groups have shown a quicker reference, it is measured again (quiet now) and every record
+    is at one speed; without the retry (the control) the first group's records stay off."""
+    from dery.cache import Cache
+
+    instant = Method(windows=2, warmup_s=0.0, min_iters=3, window_s=0.0, extra_windows=0)
+    timed: list = []
+    real = profile_pass.measure_pieces
+    monkeypatch.setattr(profile_pass, "measure_pieces", lambda chunk, *args: timed.extend(chunk) or real(chunk, *args))
+    for retries in (1, 0):
+        timed.clear()
+        items, base, _ = scripted_machine(tiny, monkeypatch, lambda g: 1.3 if g == 0 else 1.0, lambda g, p: 1.0)
+        settings = Profiling(chunk=16, slow_retries=retries)
+        profiler = profile_pass.profile(tiny.lowered, tiny.partition, tiny.stitches, get_target("cpu"),
+                                        ProfileStore(Cache(tmp_path / str(retries)), "cpu"), tiny.cache,
+                                        method=instant, settings=settings)
+        speed = {k: r.median_ms / base[items[k].fingerprint] for k, r in profiler.found.items()}
+        first = list(items)[:settings.chunk]
+        assert len(speed) == len(items) > 2 * settings.chunk
+        assert all(v == pytest.approx(1.3 ** 0.5, rel=1e-9) for k, v in speed.items() if k not in first)
+        assert all(speed[k] == pytest.approx(1.3 ** 0.5 if retries else 1.3, rel=1e-9) for k in first)
+        assert len(timed) == len(items) + (settings.chunk if retries else 0)
 
 
 def test_a_piece_caught_alone_in_a_slow_spell_is_measured_again(tiny, tmp_path, monkeypatch) -> None:
