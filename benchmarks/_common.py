@@ -59,10 +59,12 @@ def mcnemar(a: Any, b: Any) -> float:
 
 
 def engine_latencies(assemblies: list[tuple[str, ...]], zoo: list, partition: Any, stitches: Any, target: Any,
-                     pace: Any, chunk: int | None = None) -> list[tuple[Any, float, float]]:
+                     pace: Any, chunk: int | None = None, readings: int = 1) -> list[list[tuple[Any, float, float]]]:
     """Compile assemblies into engines as `dery-compile` does (torch.onnx export, then the backend) in a scratch
     directory and measure them end to end, `chunk` at a time together with the reference graph, as the profile
-    measures pieces: (timing with its median at the anchor's speed, the group's reference ms, the anchor) each."""
+    measures pieces, `readings` times (every other time in reverse order, so each engine shares its group with
+    others): per reading, (timing with its median at the anchor's speed, the group's reference ms, the anchor)
+    each, in the order given."""
     import tempfile
 
     from dery.backends import get_backend
@@ -75,14 +77,19 @@ def engine_latencies(assemblies: list[tuple[str, ...]], zoo: list, partition: An
     backend = get_backend(target.backend)
     chunk = chunk or Profiling.chunk
     out = []
-    for start in range(0, len(assemblies), chunk):
-        with tempfile.TemporaryDirectory(prefix="dery-engines-") as tmp:
-            steps = []
-            for i, models in enumerate(assemblies[start:start + chunk]):
-                _, module = assemble(zoo, partition, stitches, models)
-                engine = compile_engine(module, zoo[0].network.input_shape, target, Path(tmp), name=f"assembly{i}")
-                steps.append(backend.engine_step(engine.path, target))
-            timings, reference_ms, anchor_ms, _ = measure_referenced(
-                steps, backend.step(reference_piece(), target), Method(), pace)
-            out += [(t, reference_ms, anchor_ms) for t in timings]
+    with tempfile.TemporaryDirectory(prefix="dery-engines-") as tmp:
+        steps = []
+        for i, models in enumerate(assemblies):
+            _, module = assemble(zoo, partition, stitches, models)
+            engine = compile_engine(module, zoo[0].network.input_shape, target, Path(tmp), name=f"assembly{i}")
+            steps.append(backend.engine_step(engine.path, target))
+        for reading in range(readings):
+            order = list(range(len(steps)))[::-1 if reading % 2 else 1]
+            found: dict[int, tuple[Any, float, float]] = {}
+            for start in range(0, len(order), chunk):
+                group = order[start:start + chunk]
+                timings, reference_ms, anchor_ms, _ = measure_referenced(
+                    [steps[i] for i in group], backend.step(reference_piece(), target), Method(), pace)
+                found.update((i, (t, reference_ms, anchor_ms)) for i, t in zip(group, timings))
+            out.append([found[i] for i in range(len(steps))])
     return out
