@@ -222,10 +222,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.target is None:
         raise DeryError("dery profile needs --target (or --merge A.json B.json -o C.json)", exit_code=USAGE)
     s = front(_front_config(args, args.target), until="calibrate")
-    cal = s.calibration
     print(f"{s.target.name}: measured {s.costs.measured} pieces, reused {s.costs.reused} from {s.store.path}; "
-          f"calibration from {cal.points} engines: engine = {cal.intercept_ms:+.4f} ms + {cal.block_scale:.3f} x "
-          f"blocks + {cal.boundary_scale:.3f} x boundaries {cal.per_stitch_ms:+.4f} ms per stitch")
+          f"calibration: {s.calibration.describe()}")
     return 0
 
 

@@ -74,7 +74,8 @@ class Calibration:
     fusion at every boundary; the four terms take up what is left (a whole
     engine's cache pressure, what a stitch costs beyond its joint), fitted to
     relative error and shrunk towards the plain sum (0, 1, 1, 0) so that a
-    handful of points cannot run away.
+    handful of points cannot run away. The fit is kept only where it predicts
+    points left out of it better than the plain sum does (`fitted`).
     """
 
     intercept_ms: float = 0.0
@@ -82,7 +83,8 @@ class Calibration:
     boundary_scale: float = 1.0
     per_stitch_ms: float = 0.0
     points: int = 0
-    max_error: float = 0.0
+    max_error: float = 0.0  # the worst relative error over the points, of the model kept
+    fitted: bool = False
 
     def boundary_ms(self, measured_ms: float, stitched: bool) -> float:
         """What one boundary adds to an engine under the fit (it can be negative: fusion saves time)."""
@@ -93,21 +95,44 @@ class Calibration:
         return (self.intercept_ms + self.block_scale * blocks_ms + self.boundary_scale * boundaries_ms
                 + self.per_stitch_ms * stitches)
 
+    def describe(self) -> str:
+        """The model in one line."""
+        model = (f"engine = {self.intercept_ms:+.4f} ms + {self.block_scale:.3f} x blocks + {self.boundary_scale:.3f} "
+                 f"x boundaries {self.per_stitch_ms:+.4f} ms per stitch" if self.fitted
+                 else "engine = blocks + boundaries (the fit predicted left-out points no better)")
+        return f"{model}, from {self.points} engines, worst error on them {100 * self.max_error:.1f}%"
 
-def fit_calibration(points: Sequence[CalibrationPoint], shrink: float = 1e-3) -> Calibration:
-    """The correction model of a set of points (the plain sum when there are fewer than two)."""
-    if len(points) < 2:
-        return Calibration(points=len(points))
-    y = np.array([p.measured_ms for p in points])
-    f = np.array([[1.0, p.blocks_ms, p.boundaries_ms, float(p.stitches)] for p in points])
+
+WITHIN = 0.05  # the error that counts as a good prediction when the fit is chosen
+
+
+def _least_squares(f: np.ndarray, y: np.ndarray, shrink: float) -> np.ndarray:
     scale = float(np.median(y))
     prior = np.array([0.0, 1.0, 1.0, 0.0])
     unit = np.array([1 / scale, 1.0, 1.0, 1 / scale])  # intercept and per-stitch terms in relative units
     a = np.vstack([f / y[:, None], np.sqrt(shrink) * np.diag(unit)])
     b = np.concatenate([np.ones(len(y)), np.sqrt(shrink) * unit * prior])
-    theta = np.linalg.lstsq(a, b, rcond=None)[0]
-    err = np.abs(f @ theta / y - 1.0)
-    return Calibration(*map(float, theta), points=len(points), max_error=float(err.max()))
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def fit_calibration(points: Sequence[CalibrationPoint], shrink: float = 1e-3, choose: bool = True) -> Calibration:
+    """The correction model of a set of points: the least-squares fit where, each point left out of it in
+    turn, more points come within `WITHIN` of it than of the plain in-context sum (on a tie, the smaller median
+    error), else the plain sum; the plain sum with fewer than three points. `choose=False` keeps the fit."""
+    if len(points) < 3:
+        return Calibration(points=len(points))
+    y = np.array([p.measured_ms for p in points])
+    f = np.array([[1.0, p.blocks_ms, p.boundaries_ms, float(p.stitches)] for p in points])
+    theta = _least_squares(f, y, shrink)
+    fit = Calibration(*map(float, theta), points=len(points), max_error=float(np.abs(f @ theta / y - 1.0).max()),
+                      fitted=True)
+    plain = np.abs(f[:, 1:3].sum(axis=1) / y - 1.0)
+    left_out = np.array([abs(f[i] @ _least_squares(np.delete(f, i, 0), np.delete(y, i), shrink) / y[i] - 1.0)
+                         for i in range(len(y))])
+    if not choose or (np.mean(left_out <= WITHIN), -np.median(left_out)) > (np.mean(plain <= WITHIN),
+                                                                             -np.median(plain)):
+        return fit
+    return Calibration(points=len(points), max_error=float(plain.max()))
 
 
 def group_of(target: Target, device: str) -> Group:

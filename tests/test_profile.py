@@ -309,6 +309,26 @@ def test_calibration_recovers_a_planted_correction() -> None:
     assert cal.boundary_ms(-0.01, False) == pytest.approx(1.5 * -0.01, rel=0.05)
     single = fit_calibration(pts[:1])
     assert (single.block_scale, single.intercept_ms, single.points) == (1.0, 0.0, 1)
+    assert cal.fitted and not single.fitted
+
+
+def test_the_fit_is_kept_only_where_it_predicts_left_out_points_better_than_the_plain_sum() -> None:
+    """Engines at their in-context sum within +-2%, with small boundaries, and one read a third slow: the
+    least-squares fit leans on the slow one (its boundary scale moves far from 1) and predicts fewer left-out
+    points within 5% than the plain sum does, so the plain sum is kept."""
+    from dery.profile_store import CalibrationPoint, fit_calibration
+
+    rng = np.random.default_rng(1)
+    pts = []
+    for i in range(18):
+        b, s, n = rng.uniform(0.05, 0.2), rng.uniform(-0.004, 0.004), int(rng.integers(0, 4))
+        y = (b + s) * (1.33 if i == 0 else rng.uniform(0.98, 1.02))
+        pts.append(CalibrationPoint("cpu", "d", "onnxruntime", "1", "fp32", 1, f"a{i}", b, s, n, y, "t"))
+    fit = fit_calibration(pts, choose=False)
+    chosen = fit_calibration(pts)
+    assert fit.fitted and abs(fit.boundary_scale - 1) > 0.5
+    assert not chosen.fitted and (chosen.block_scale, chosen.boundary_scale, chosen.intercept_ms) == (1.0, 1.0, 0.0)
+    assert chosen.max_error == pytest.approx(1 - 1 / 1.33, rel=1e-9)
 
 
 def test_calibration_points_of_the_zoo_are_stored_once(tiny) -> None:
