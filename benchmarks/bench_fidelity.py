@@ -29,8 +29,8 @@ import _common as common
 import numpy as np
 
 RESULTS = common.RESULTS
-CALIBRATION_SIZES = (0, 3, 6, 12)
-READINGS = 2  # measurements of each held-out engine  # random assemblies besides the members, refitted on the same points
+CALIBRATION_SIZES = (0, 3, 6, 12)  # random assemblies besides the members, refitted on the same points
+READINGS = 2  # measurements of each held-out engine
 TIMM_ZOO = "resnet18:random,mobilenetv3_large_100:random,efficientnet_b0:random,deit_tiny_patch16_224:random"
 
 

@@ -27,7 +27,7 @@ import dataclasses
 import random
 from collections.abc import Callable, Sequence
 
-from dery import defaults, progress
+from dery import defaults
 from dery.backends import availability
 from dery.defaults import Profiling
 from dery.ir import LatencyRecord, Partition, utc_timestamp
@@ -93,15 +93,13 @@ def calibrate(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, 
 
     def measure(assemblies: list[tuple[str, ...]], title: str,
                 keep: Callable[[CalibrationPoint], bool] = lambda p: True) -> list[CalibrationPoint]:
-        chunks = [assemblies[start:start + settings.chunk] for start in range(0, len(assemblies), settings.chunk)]
+        def points(span: Sequence[int], records: list[LatencyRecord]) -> list[CalibrationPoint]:
+            return [point(assemblies[i], r.median_ms, r.anchor_ms) for i, r in zip(span, records)]
 
-        def points(i: int, records: list[LatencyRecord]) -> list[CalibrationPoint]:
-            return [point(m, r.median_ms, r.anchor_ms) for m, r in zip(chunks[i], records)]
-
-        measured = measure_groups([[profiler.assembly(m) for m in chunk] for chunk in chunks], target, store,
-                                  method=profiler.method, settings=settings, title=title,
-                                  save=lambda i, records: store.add_points(filter(keep, points(i, records))))
-        return [p for i, records in enumerate(measured) for p in points(i, records)]
+        records = measure_groups([profiler.assembly(m) for m in assemblies], target, store, method=profiler.method,
+                                 settings=settings, title=title,
+                                 save=lambda span, records: store.add_points(filter(keep, points(span, records))))
+        return points(range(len(assemblies)), records)
 
     fresh += measure(todo, "calibrating")
     # Noise only ever slows an engine down: of two readings the quicker is kept.

@@ -294,50 +294,50 @@ def missing_error(target: Target, names: Sequence[str], why: str) -> DeryError:
                      f"target's device and merge its table (`dery profile --merge`), or pass --allow-estimates")
 
 
-def measure_groups(groups: Sequence[Sequence[Piece]], target: Target, store: ProfileStore, *, method: Method,
-                   settings: Profiling, save: Callable[[int, list[LatencyRecord]], None], title: str
-                   ) -> list[list[LatencyRecord]]:
-    """Measure each group of pieces together with the reference graph (`measure_pieces`), handing its records to
-    `save(i, records)` at once; then measure again, up to `settings.slow_retries` times, every group whose
-    reference ran more than `SLOW` above the quickest the device has had by the end, keeping the group's
-    reading with the quicker reference. A group compares with the quickest before it only, so this is what
-    catches the first group of a fresh store in a slow spell, and a spell that outlasted a group's extra rounds.
-    """
-    if not groups:
+def measure_groups(pieces: Sequence[Piece], target: Target, store: ProfileStore, *, method: Method,
+                   settings: Profiling, save: Callable[[range, list[LatencyRecord]], None], title: str
+                   ) -> list[LatencyRecord]:
+    """Measure pieces `settings.chunk` at a time, each group with the reference graph (`measure_pieces`), handing
+    a group's positions and records to `save` at once; then measure again, up to `settings.slow_retries` times,
+    every group whose reference ran more than `SLOW` above the quickest the device has had by the end, keeping
+    the group's reading with the quicker reference. Returns the records in the order of `pieces`. A group
+    compares with the quickest before it only, so this is what catches the first group of a fresh store in a
+    slow spell, and a spell that outlasted a group's extra rounds."""
+    spans = [range(start, min(start + settings.chunk, len(pieces))) for start in range(0, len(pieces), settings.chunk)]
+    if not spans:
         return []
     backend = get_backend(target.backend)
     device, _ = availability(target)
     group = group_of(target, device)
-    out: list[list[LatencyRecord]] = [[] for _ in groups]
+    out: list[list[LatencyRecord]] = [[] for _ in spans]
 
     def run(indices: Sequence[int], what: str) -> None:
-        with progress.task(f"{what} on {target.name}", sum(len(groups[i]) for i in indices)) as advance:
+        with progress.task(f"{what} on {target.name}", sum(len(spans[i]) for i in indices)) as advance:
             for i in indices:
-                records = measure_pieces(groups[i], target, device, backend, method, store.pace(group))
+                records = measure_pieces([pieces[j] for j in spans[i]], target, device, backend, method,
+                                         store.pace(group))
                 if not out[i] or records[0].reference_ms < out[i][0].reference_ms:
                     out[i] = records
-                    save(i, records)
-                advance(len(groups[i]), note=groups[i][-1].name)
+                    save(spans[i], records)
+                advance(len(spans[i]), note=pieces[spans[i][-1]].name)
 
-    run(range(len(groups)), title)
+    run(range(len(spans)), title)
     for _ in range(settings.slow_retries):
         quickest = store.pace(group).quickest_ms
         slow = [i for i, records in enumerate(out) if quickest and records[0].reference_ms > quickest * (1 + SLOW)]
         if not slow:
             break
         run(slow, f"{title}: slow groups again")
-    return out
+    return [r for records in out for r in records]
 
 
 def measure_records(keys: Sequence[tuple], items: dict[tuple, Piece], target: Target, store: ProfileStore, *,
                     method: Method, settings: Profiling = Profiling(), title: str = "profiling"
                     ) -> dict[tuple, LatencyRecord]:
-    """Measure the pieces `keys` here, `settings.chunk` at a time with the reference graph (their windows spread
-    over time, slow groups again: `measure_groups`), saving each chunk at once."""
-    chunks = [keys[start:start + settings.chunk] for start in range(0, len(keys), settings.chunk)]
-    measured = measure_groups([[items[k] for k in chunk] for chunk in chunks], target, store, method=method,
-                              settings=settings, save=lambda i, records: store.add_all(records), title=title)
-    return {k: r for chunk, records in zip(chunks, measured) for k, r in zip(chunk, records)}
+    """Measure the pieces `keys` here (`measure_groups`: in groups with the reference graph, their windows spread
+    over time, slow groups again), saving each group at once."""
+    return dict(zip(keys, measure_groups([items[k] for k in keys], target, store, method=method, settings=settings,
+                                         save=lambda span, records: store.add_all(records), title=title)))
 
 
 def ensure_records(items: dict[tuple, Piece], target: Target, store: ProfileStore, *, method: Method,
