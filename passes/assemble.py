@@ -13,6 +13,7 @@ from dery.passes.lower import Lowered
 from dery.passes.stitch import Stitches, StitchModule
 
 if TYPE_CHECKING:
+    from dery.data import Dataset
     from dery.zoo import Network, Normalized
 
 ASSEMBLY_ARCH = "dery-assembly"  # the `arch` of an assembly checkpoint: blocks of zoo members and their stitches
@@ -100,16 +101,16 @@ def member_from_entry(name: str, entry: dict[str, Any]) -> Network:
 
 
 def assembly_checkpoint(zoo: Sequence[Lowered], assembly: Assembly, module: Assembled,
-                        classes: Sequence[str]) -> dict[str, Any]:
+                        data: Dataset) -> dict[str, Any]:
     """A dery checkpoint of an assembly (`--zoo` and `dery incubate` load it): its members, blocks and stitches,
     and the assembled network's own tensors (trained, when it was repaired)."""
-    from dery.zoo import CHECKPOINT_FORMAT
+    from dery.zoo import CHECKPOINT_FORMAT, embedded_name
 
     by_name = {lw.name: lw.network for lw in zoo}
     first = by_name[assembly.models[0]]
     return {"format": CHECKPOINT_FORMAT, "name": "+".join(assembly.models), "arch": ASSEMBLY_ARCH, "kwargs": [],
-            "resolution": first.input_shape[-1], "num_classes": first.num_classes, "classes": list(classes),
-            "class_index": list(range(len(classes))), "mean": [0.0] * first.input_shape[0],
+            "resolution": first.input_shape[-1], "num_classes": first.num_classes, "classes": list(data.classes),
+            "data": embedded_name(data), "class_index": list(range(len(data.classes))), "mean": [0.0] * first.input_shape[0],
             "std": [1.0] * first.input_shape[0],
             "assembly": {"members": {m: member_entry(by_name[m]) for m in dict.fromkeys(assembly.models)},
                          "models": list(assembly.models), "blocks": [[b.first, b.last] for b in assembly.blocks],

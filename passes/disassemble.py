@@ -711,7 +711,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     """`dery disassemble`: locate a member's component for some classes and write it as a dery checkpoint."""
     from dery.cache import Cache
     from dery.data import load_data
-    from dery.zoo import input_shape, load_member
+    from dery.zoo import default_data, input_shape, load_member
 
     from .lego import save_checkpoint
 
@@ -723,7 +723,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
         raise DeryError(f"-o {out}: directory {out.parent} does not exist; create it first", exit_code=USAGE)
     spec = resolve_member(args.model)
     resolution = spec.resolution or 224
-    data = load_data(args.data, resolution, seed=args.seed)
+    fallback = default_data((spec,))
+    data = load_data(args.data, resolution, default=fallback, seed=args.seed, cache=Cache())
     names = member_class_names(spec, data)
     if names is None:
         raise DeryError(f"{args.model}: the checkpoint records no class names, so --classes cannot be matched to "
@@ -732,7 +733,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes, names)
     net = load_member(spec, data, Cache())
     if input_shape(spec, net.module.net)[-1] != data.resolution:
-        data = load_data(args.data, input_shape(spec, net.module.net)[-1], seed=args.seed)
+        data = load_data(args.data, input_shape(spec, net.module.net)[-1], default=fallback, seed=args.seed,
+                         cache=Cache())
     if net.num_classes != len(names):
         raise DeryError(f"{args.model} has {net.num_classes} outputs but {len(names)} class names; its classes "
                         f"cannot be matched", exit_code=USAGE)

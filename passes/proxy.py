@@ -111,18 +111,20 @@ class Quality:
 def switch_accuracies(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, data: Dataset,
                       cache: Cache, switches_too: bool = True, repaired: tuple[str, int] | None = None,
                       seed: int = 0) -> tuple[dict[tuple[str, str, int], float], dict[str, float], str]:
-    """Val accuracy of every zoo member and, with `switches_too`, of every single-switch (two-piece) assembly
-    (cached): a forward pass over the val split per stitch, which only the pairwise predictors read. With
+    """Val accuracy (on the first `defaults.TERM_IMAGES` val images) of every zoo member and, with
+    `switches_too`, of every single-switch (two-piece) assembly (cached): a forward pass per stitch, which only the pairwise predictors read. With
     `repaired` = (kind, epochs), each is scored after that repair (dery.passes.repair) instead of as it is."""
     from dery.passes.repair import repair
 
     nets = [lw.network for lw in zoo]
     labels, kind = reference_labels(nets, data, "val")
+    labels = labels[:defaults.TERM_IMAGES]
     train = reference_labels(nets, data, "train")[0] if repaired else None
-    images = data.images("val")
+    images = data.images("val", defaults.TERM_IMAGES)
     k = partition.k
     key = content_key("switch-acc", [(lw.name, lw.network.weights_key) for lw in zoo], partition.boundaries,
                       [(s.source, s.target, s.boundary, s.weights) for s in stitches.items], data.fingerprint, kind,
+                      defaults.TERM_IMAGES,
                       *(() if switches_too else ("members only",)), *((repaired, seed) if repaired else ()))
 
     def score(models: tuple[str, ...]) -> float:
@@ -161,7 +163,8 @@ def quality(zoo: Sequence[Lowered], partition: Partition, stitches: Stitches, da
     repaired = (finetune, defaults.REPAIR_TERM_EPOCHS) if predictor == "pairwise-repaired" else None
     switches, members, kind = switch_accuracies(zoo, partition, stitches, data, cache, switches_too=pairwise,
                                                 repaired=repaired, seed=seed)
-    return from_accuracies(predictor, kind, partition, stitches, members, switches, len(data.split("val")))
+    return from_accuracies(predictor, kind, partition, stitches, members, switches,
+                           min(len(data.split("val")), defaults.TERM_IMAGES))
 
 
 def from_accuracies(predictor: str, labels: str, partition: Partition, stitches: Stitches, members: dict[str, float],

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dery import progress
+from dery import defaults, progress
 from dery.cache import Cache, atomic_write, content_key, damaged
 from dery.data import Dataset
 from dery.errors import DeryError
@@ -202,10 +202,10 @@ def _stitch_targets(dst: CutPoint, yt: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _boundary_features(zoo: Sequence[Lowered], partition: Partition, data: Dataset, split: str,
-                       batch: int) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
+                       batch: int, limit: int | None = None) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
     nets = {lw.name: lw.with_cut_outputs(partition.boundaries[partition.models.index(lw.name)]) for lw in zoo}
     with torch.no_grad():
-        for x, _ in data.batches(split, batch):
+        for x, _ in data.batches(split, batch, limit):
             yield {(m, j): t for m, net in nets.items() for j, t in enumerate(net(x)[1:])}
 
 
@@ -238,7 +238,7 @@ def fit_stitches(zoo: Sequence[Lowered], partition: Partition, data: Dataset, *,
                   for k, (main, head) in stats.items()}
     sse = {k: np.zeros(len(RIDGES)) for k in stats}
     moments: dict[tuple[str, str, int], list] = {k: [0.0, 0.0, 0] for k in stats}  # sum y^2, sum y, count
-    for feats in _boundary_features(zoo, partition, data, "val", batch):
+    for feats in _boundary_features(zoo, partition, data, "val", batch, defaults.TERM_IMAGES):
         for key, (mains, heads) in candidates.items():
             a, b, j = key
             g, u = _stitch_inputs(cuts[a, j], cuts[b, j], feats[a, j])
@@ -315,7 +315,7 @@ def stitch(zoo: Sequence[Lowered], partition: Partition, data: Dataset, cache: C
     """The stitch pass: fit (or load from the cache) every stitch between different networks."""
     by_name = {lw.name: lw for lw in zoo}
     key = content_key("stitches", [(lw.name, lw.network.weights_key) for lw in zoo], partition.boundaries,
-                      data.fingerprint, len(data.split("probe")), RIDGES, 2)
+                      data.fingerprint, len(data.split("probe")), RIDGES, defaults.TERM_IMAGES, 2)
     index_path = cache.path("stitches", key, ".json")
     fitted = None if index_path.exists() else fit_stitches(zoo, partition, data)
     records = cache.json("stitches", key, lambda: [
@@ -347,14 +347,16 @@ def _store(cache: Cache, key: str, a: str, b: str, j: int, weights: dict[str, np
 
 def _train(module: nn.Module, params: Sequence[nn.Parameter], data: Dataset, labels: torch.Tensor, epochs: int,
            lr: float, weight_decay: float, batch: int, seed: int, train_mode: bool, label: str) -> dict[str, float]:
-    """Cosine-annealed training of `params` on the train split, with the loss over the split before and after."""
+    """Cosine-annealed training of `params` on the train split, with the loss before and after over its first
+    `defaults.LOSS_IMAGES` images."""
     images = data.images("train")
     if labels.shape[0] != images.shape[0]:
         raise DeryError(f"{label}: {labels.shape[0]} labels for {images.shape[0]} train images")
-    before = mean_loss(module.eval(), images, labels)
+    some = slice(0, defaults.LOSS_IMAGES)
+    before = mean_loss(module.eval(), images[some], labels[some])
     out = fit(module, params, images, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, batch=batch,
               seed=seed, schedule="cosine", train_mode=train_mode, label=label)
-    return {"loss_before": before, "loss_after": mean_loss(module, images, labels), **out}
+    return {"loss_before": before, "loss_after": mean_loss(module, images[some], labels[some]), **out}
 
 
 def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epochs: int, *, lr: float = 1e-2,
@@ -376,7 +378,7 @@ def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epoc
             module.parts[i] = copy.deepcopy(part)
     params = [p for part in module.parts if isinstance(part, StitchModule) for p in part.parameters()]
     if not params:
-        loss = mean_loss(module.eval(), data.images("train"), labels)
+        loss = mean_loss(module.eval(), data.images("train", defaults.LOSS_IMAGES), labels[:defaults.LOSS_IMAGES])
         return {"loss_before": loss, "loss_after": loss, "epochs": 0, "steps": 0, "trained_params": 0, "kept": False}
     fitted = [p.detach().clone() for p in params]
     out = _train(module, params, data, labels, epochs, lr, weight_decay, batch, seed, train_mode=False,

@@ -44,11 +44,16 @@ non_negative_int = _argument(int, lambda v: v >= 0, "a whole number >= 0")
 non_negative = _argument(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help=f"data to probe, train and evaluate on: an embedded set ({', '.join(defaults.EMBEDDED_DATA)}; "
+                                  "generated, nothing downloaded) or an ImageFolder directory (default: the set the "
+                                  "zoo's embedded members train on, glyphs for the default zoo; digits otherwise)")
+
+
 def _zoo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zoo", help="comma-separated zoo: a preset (default), timm names (pretrained), NAME:random, "
                                  "NAME=CHECKPOINT or a dery checkpoint file (default: the embedded digits zoo)")
-    p.add_argument("--data", type=Path, help="ImageFolder directory for probe and evaluation data "
-                                             "(default: scikit-learn digits, shipped with the package)")
+    _data_arg(p)
     p.add_argument("--k", type=positive_int, default=defaults.K,
                    help=f"blocks per network = equivalence sets (default {defaults.K})")
     p.add_argument("--balance", choices=defaults.BALANCES, default=defaults.BALANCE,
@@ -341,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "NAME=CHECKPOINT or a timm name")
     p.add_argument("--classes", required=True, help="comma-separated class indices or names to keep")
     p.add_argument("-o", "--output", type=Path, required=True, help="component checkpoint to write (.pt)")
-    p.add_argument("--data", type=Path, help="ImageFolder directory (default: the embedded digits)")
+    _data_arg(p)
     p.add_argument("--seed", type=int, default=defaults.SEED, help=f"seed for data splits (default {defaults.SEED})")
     for kind, t, value in (("conv", "alpha", defaults.CONV_ALPHA), ("conv", "beta", defaults.CONV_BETA),
                            ("linear", "alpha", defaults.LINEAR_ALPHA), ("linear", "beta", defaults.LINEAR_BETA)):
@@ -375,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"blocks, each with the stitch before it (default {defaults.K})")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="dery checkpoint to write (.pt; --zoo accepts it); the report goes to the same name .json")
-    p.add_argument("--data", type=Path, help="ImageFolder directory (default: the embedded digits)")
+    _data_arg(p)
     for stage, value in (("meta", defaults.INCUBATE_EPOCHS_META), ("module", defaults.INCUBATE_EPOCHS_MODULE),
                          ("finetune", defaults.INCUBATE_EPOCHS_FINETUNE)):
         p.add_argument(f"--epochs-{stage}", dest=f"epochs_{stage}", type=non_negative_int, default=value,

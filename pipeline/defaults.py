@@ -19,13 +19,15 @@ PREDICTOR = "pairwise-log"  # the program's quality model (the best Kendall tau 
 PREDICTORS = ("pairwise", "pairwise-log", "pairwise-repaired", "stitch-r2", "member-acc")
 RERANK = "val-acc"  # the whole-network proxy that re-ranks the program's best solutions
 PROXIES = ("val-acc", "naswot", "linear-probe")
-TOP = 5  # best solutions re-ranked
+TOP = 4  # best solutions re-ranked (each repaired first: 4-17 s apiece on the default zoo)
+TERM_IMAGES = 500  # val images behind each stitch's R^2 and the quality terms (the re-ranking reads all of val)
+LOSS_IMAGES = 2000  # train images a repair's loss before and after is measured on
 MEASURE = "on-demand"  # what a compile measures: the pieces its solutions rest on, or "all" of them
 MEASURES = ("on-demand", "all")
 MAX_ROUNDS = 4  # closed-loop rounds at most
 FINETUNE = "e2e"  # the repair of the chosen assembly before its engine is built (benchmarks/results/reassembly.md)
 FINETUNES = ("none", "stitches", "e2e", "incubate")
-FINETUNE_EPOCHS = 5  # epochs of that repair, given to every member it is compared with too
+FINETUNE_EPOCHS = 2  # epochs of that repair (8,000 glyphs, 250 steps), given to every member it is compared with too
 # The quality model when a repair follows. `pairwise-repaired` ranks repaired assemblies best (Kendall tau 0.69
 # against 0.50 in benchmarks/results/quality.md) but trains once per stitch (about 130 s on the default zoo, on
 # 2 cores), which the first run cannot afford; the re-ranking after repair (tau 0.88) makes the choice.
@@ -33,6 +35,7 @@ REPAIR_PREDICTOR = "pairwise-log"
 REPAIR_TERM_EPOCHS = 1  # the brief repair behind `pairwise-repaired`
 CALIBRATION_ASSEMBLIES = 12  # random assemblies measured whole to calibrate the latency model
 OUT = "build"
+EMBEDDED_DATA = ("glyphs", "digits")  # the data dery generates itself; `--data` takes these names or a directory
 SHIPPED_WEIGHTS = Path(__file__).parent / "weights"  # the default zoo's members, trained by `dery train-zoo`
 
 # Model LEGO (dery disassemble): alpha/beta thresholds per layer kind (the paper's), confident samples per class.

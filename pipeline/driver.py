@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 from . import defaults, progress
 from .backends import availability
 from .cache import Cache, atomic_write, atomic_write_json, content_key, ensure_dir
-from .data import Dataset, load_data
+from .data import Dataset
 from .errors import USAGE, DeryError, InternalError
 from .ir import Partition, from_json, to_json
 from .measure import Method
 from .problem import Problem, Solution
 from .profile_store import ProfileStore, group_of
 from .targets import Target, get_target
-from .zoo import Network, load_zoo, native_resolution, parse_zoo
+from .zoo import Network, load_zoo, parse_zoo, zoo_data
 
 ASSEMBLY_FILE = "assembly.pt"  # the answer as a dery checkpoint, beside the engine
 
@@ -55,7 +55,7 @@ class CompileConfig:
     target: str
     latency_ms: float
     zoo: str | None = None
-    data: Path | None = None
+    data: str | Path | None = None  # an embedded set's name or an ImageFolder directory
     classes: str | None = None  # `--classes`: compile for these classes, from every member whole and as component
     out: Path = Path(defaults.OUT)
     k: int = defaults.K
@@ -152,7 +152,7 @@ class Session:
 
 def _zoo(s: Session) -> None:
     specs = parse_zoo(s.config.zoo)
-    s.data = load_data(s.config.data, native_resolution(specs), probe=s.config.probe, seed=s.config.seed)
+    s.data = zoo_data(specs, s.config.data, probe=s.config.probe, seed=s.config.seed, cache=s.cache)
     s.zoo = load_zoo(specs, s.data, s.cache)
     if s.config.classes is not None:
         from dery.passes.disassemble import class_zoo
@@ -336,7 +336,7 @@ def save_assembly(s: Session, final: Result, out: Path) -> str | None:
     from dery.passes.assemble import assembly_checkpoint
 
     try:
-        ckpt = assembly_checkpoint(s.lowered, final.assembly, final.module, s.data.classes)
+        ckpt = assembly_checkpoint(s.lowered, final.assembly, final.module, s.data)
     except DeryError as e:
         progress.say(f"no {ASSEMBLY_FILE}: {e}")
         return None

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import defaults, progress
 from .cache import Cache, atomic_write, atomic_write_json, ensure_dir
-from .data import Dataset, load_data
+from .data import Dataset
 from .errors import USAGE, DeryError
 from .incubate import Hybrid, assembly_modules, frozen_meta, incubate_modules, tiny_meta
 from .parallel import JOB, Job, check_nproc, launch, read_job, write_job
@@ -45,10 +45,10 @@ def target_modules(job: Job) -> Target:
     from .passes.disassemble import resolve_member
     from .passes.lower import lower
     from .passes.partition import balanced_cuts
-    from .zoo import load_member, native_resolution
+    from .zoo import load_member, zoo_data
 
     spec = resolve_member(job.target)
-    data = load_data(Path(job.data) if job.data else None, native_resolution((spec,)), seed=job.seed)
+    data = zoo_data((spec,), job.data, seed=job.seed, cache=Cache())
     if not data.labelled:
         raise DeryError(f"incubation trains on labels and the data at {job.data} has none", exit_code=USAGE)
     network = load_member(spec, data, Cache())

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from . import defaults
 from .cache import Cache, atomic_write, content_key, ensure_dir
-from .data import Dataset
+from .data import Dataset, load_data
 from .errors import USAGE, DeryError
 from .training import fit
 
@@ -43,7 +43,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """One zoo entry before loading. `weights`: 'train', 'pretrained', 'random' or a file path."""
+    """One zoo entry before loading. `weights`: 'train', 'pretrained', 'random' or a file path; `data`: the
+    embedded data its weights learn (or learnt) from, which `--data` defaults to."""
 
     name: str
     arch: str
@@ -51,47 +52,49 @@ class MemberSpec:
     kwargs: tuple[tuple[str, Any], ...] = ()
     recipe: Recipe | None = None
     resolution: int | None = None  # native input size when it is not the timm default
+    data: str | None = None
 
 
-_DIGITS_MEMBERS = (
+_GLYPH_MEMBERS = (
     MemberSpec("resnet", "resnet18", "train",
                (("channels", (12, 24, 48, 96)), ("layers", (1, 1, 1, 1)), ("stem_type", "deep"), ("stem_width", 6)),
-               Recipe(epochs=15, lr=2e-3), 32),
+               Recipe(epochs=15, lr=2e-3), 32, "glyphs"),
     MemberSpec("resnet_wide", "resnet18", "train",
                (("channels", (32, 64, 128, 256)), ("stem_type", "deep"), ("stem_width", 16)),
-               Recipe(epochs=12, lr=2e-3), 32),
+               Recipe(epochs=12, lr=2e-3), 32, "glyphs"),
     MemberSpec("convnext", "convnext_atto", "train",
                (("depths", (1, 1, 2, 1)), ("dims", (24, 48, 96, 192))),
-               Recipe(epochs=15, lr=2e-3), 32),
+               Recipe(epochs=15, lr=2e-3), 32, "glyphs"),
     MemberSpec("mobilenetv3", "mobilenetv3_small_050", "train", (),
-               Recipe(epochs=20, lr=5e-3), 32),
+               Recipe(epochs=20, lr=5e-3), 32, "glyphs"),
     MemberSpec("mobilenext", "mobilenext_035", "train", (),
-               Recipe(epochs=30, lr=5e-3), 32),
+               Recipe(epochs=15, lr=5e-3), 32, "glyphs"),
     MemberSpec("vit", "vit_tiny_patch16_224", "train",
                (("img_size", 32), ("patch_size", 8), ("embed_dim", 64), ("depth", 4), ("num_heads", 2),
                 ("mlp_ratio", 2.0)),
-               Recipe(epochs=30, lr=3e-3), 32),
+               Recipe(epochs=60, lr=3e-3), 32, "glyphs"),
 )
 
-_TINY_MEMBERS = tuple(MemberSpec(m.name, m.arch, m.weights, m.kwargs, Recipe(epochs=e, lr=m.recipe.lr), m.resolution)
-                      for m, e in ((_DIGITS_MEMBERS[0], 4), (_DIGITS_MEMBERS[3], 5), (_DIGITS_MEMBERS[5], 8)))
+_TINY_MEMBERS = tuple(MemberSpec(m.name, m.arch, m.weights, m.kwargs, Recipe(epochs=e, lr=m.recipe.lr), m.resolution,
+                                 "digits")
+                      for m, e in ((_GLYPH_MEMBERS[0], 4), (_GLYPH_MEMBERS[3], 5), (_GLYPH_MEMBERS[5], 8)))
 
 _ALT_MEMBERS = (
-    MemberSpec("regnet", "regnetx_002", "train", (), Recipe(epochs=15, lr=2e-3), 32),
-    MemberSpec("lcnet", "lcnet_050", "train", (), Recipe(epochs=20, lr=5e-3), 32),
-    MemberSpec("ghostnet", "ghostnet_050", "train", (), Recipe(epochs=20, lr=5e-3), 32),
-    MemberSpec("rexnet", "rexnet_100", "train", (("width_mult", 0.5),), Recipe(epochs=20, lr=5e-3), 32),
+    MemberSpec("regnet", "regnetx_002", "train", (), Recipe(epochs=15, lr=2e-3), 32, "glyphs"),
+    MemberSpec("lcnet", "lcnet_050", "train", (), Recipe(epochs=20, lr=5e-3), 32, "glyphs"),
+    MemberSpec("ghostnet", "ghostnet_050", "train", (), Recipe(epochs=20, lr=5e-3), 32, "glyphs"),
+    MemberSpec("rexnet", "rexnet_100", "train", (("width_mult", 0.5),), Recipe(epochs=20, lr=5e-3), 32, "glyphs"),
     MemberSpec("densenet", "densenet121", "train",
                (("growth_rate", 16), ("block_config", (2, 2, 2, 2)), ("stem_type", "deep")),
-               Recipe(epochs=15, lr=2e-3), 32),
+               Recipe(epochs=15, lr=2e-3), 32, "glyphs"),
 )
 
 PRESETS: dict[str, tuple[MemberSpec, ...]] = {
-    "default": _DIGITS_MEMBERS,  # six architectures, trained on digits in a few minutes
-    "tiny": _TINY_MEMBERS,  # three of them, briefly trained: for quick trials and the test suite
+    "default": _GLYPH_MEMBERS,  # six architectures, trained on glyphs (shipped)
+    "tiny": _TINY_MEMBERS,  # three of them, briefly trained on digits: for quick trials and the test suite
     "alt": _ALT_MEMBERS,  # five other architectures trained the same way (trained here on first use, not shipped)
 }
-_DEFAULT_MEMBERS = {m.name: m for m in _DIGITS_MEMBERS}  # `--zoo resnet_wide` names one member of the default zoo
+_DEFAULT_MEMBERS = {m.name: m for m in _GLYPH_MEMBERS}  # `--zoo resnet_wide` names one member of the default zoo
 
 
 class Normalized(nn.Module):
@@ -193,7 +196,7 @@ def read_checkpoint(path: Path, fix: str | None = None) -> dict[str, Any]:
 def _spec_from_checkpoint(path: Path) -> MemberSpec:
     ckpt = read_checkpoint(path)
     return MemberSpec(str(ckpt["name"]), str(ckpt["arch"]), str(path), tuple(map(tuple, ckpt["kwargs"])),
-                      None, ckpt.get("resolution"))
+                      None, ckpt.get("resolution"), ckpt.get("data"))
 
 
 def _kwargs(spec: MemberSpec) -> dict[str, Any]:
@@ -217,10 +220,8 @@ def shipped_path(spec: MemberSpec, data: Dataset) -> Path:
 def remake_shipped(out: Path = defaults.SHIPPED_WEIGHTS) -> list[Path]:
     """Train the default preset afresh on the embedded data and write the package's weights into `out`; weights
     there that the preset no longer names are removed. Returns the files written."""
-    from .data import load_data
-
     specs = PRESETS["default"]
-    data = load_data(None, native_resolution(specs))
+    data = zoo_data(specs)
     ensure_dir(out, "weights directory")
     written = []
     for spec in specs:
@@ -244,7 +245,7 @@ def save_trained(m: Normalized, spec: MemberSpec, data: Dataset, path: Path) -> 
     """Write a trained member as a dery checkpoint."""
     torch.save({"format": CHECKPOINT_FORMAT, "name": spec.name, "arch": spec.arch,
                 "kwargs": [list(kv) for kv in spec.kwargs], "resolution": spec.resolution,
-                "num_classes": data.num_classes, "classes": list(data.classes),
+                "num_classes": data.num_classes, "classes": list(data.classes), "data": embedded_name(data),
                 "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist(),
                 "state_dict": m.net.state_dict()}, path)
 
@@ -291,6 +292,25 @@ def input_shape(spec: MemberSpec, net: nn.Module) -> tuple[int, int, int]:
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
     return (int(c), int(h), int(w))
+
+
+def embedded_name(data: Dataset) -> str | None:
+    """The data's name when it is one of dery's embedded sets (a checkpoint records it for `--data`'s default)."""
+    return data.name if data.name in defaults.EMBEDDED_DATA else None
+
+
+def default_data(specs: tuple[MemberSpec, ...]) -> str:
+    """The embedded data the zoo's dery-trained members learn from (digits when none is): `--data`'s default."""
+    found = sorted({s.data for s in specs if s.data is not None})
+    if len(found) > 1:
+        raise DeryError(f"the zoo's members train on different embedded data ({', '.join(found)}); "
+                        f"choose one with --data", exit_code=USAGE)
+    return found[0] if found else "digits"
+
+
+def zoo_data(specs: tuple[MemberSpec, ...], data: str | Path | None = None, **kw: Any) -> Dataset:
+    """`--data` (an embedded set's name or a directory; None: the one the zoo trains on) at the zoo's resolution."""
+    return load_data(data, native_resolution(specs), default=default_data(specs), **kw)
 
 
 def native_resolution(specs: tuple[MemberSpec, ...]) -> int:

@@ -85,6 +85,34 @@ def test_digits_splits_are_disjoint_deterministic_and_sized() -> None:
     assert digits(16, seed=1).fingerprint != a.fingerprint
 
 
+def test_glyphs_are_rendered_the_same_for_a_seed_cached_whole_and_split_without_overlap(tmp_path) -> None:
+    """The same seed renders the same letters byte for byte, another seed others; the cached images equal a fresh
+    render; the splits have their sizes, share no image, and every letter class occurs."""
+    from dery.data import GLYPH_CLASSES, GLYPH_SPLITS, glyphs, render_glyphs
+
+    a, b, c = render_glyphs(40, 16, 0), render_glyphs(40, 16, 0), render_glyphs(40, 16, 1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    assert a[0].shape == (40, 1, 16, 16) and a[0].dtype == torch.uint8 and int(a[1].max()) < len(GLYPH_CLASSES)
+    cache = Cache(tmp_path)
+    made, read = glyphs(16, probe=32, cache=cache), glyphs(16, probe=32, cache=cache)
+    assert len(list(tmp_path.rglob("glyphs-*.pt"))) == 1 and made.fingerprint == read.fingerprint
+    assert all(torch.equal(made.split(s).images, read.split(s).images) for s in made.splits)
+    assert {s: len(made.split(s)) for s, _ in GLYPH_SPLITS} == dict(GLYPH_SPLITS) and made.num_classes == 26
+    assert torch.equal(made.split("probe").images, made.split("train").images[:32])
+    seen = {s: {bytes(x.numpy()) for x in made.split(s).images} for s in ("train", "val", "test")}
+    assert not (seen["train"] & seen["val"] or seen["train"] & seen["test"] or seen["val"] & seen["test"])
+    assert all(set(made.split(s).labels.tolist()) == set(range(26)) for s in ("val", "test"))
+
+
+def test_data_defaults_to_what_the_zoo_trains_on() -> None:
+    from dery.zoo import default_data
+
+    assert default_data(parse_zoo("default")) == "glyphs" and default_data(parse_zoo("tiny")) == "digits"
+    assert default_data(parse_zoo("resnet18:random")) == "digits"
+    with pytest.raises(DeryError, match=r"different embedded data \(digits, glyphs\); choose one with --data"):
+        default_data(parse_zoo("default,tiny"))
+
+
 def test_image_folder_reads_classes_and_resizes(tmp_path) -> None:
     rng = np.random.default_rng(0)
     for c, colour in (("cat", 30), ("dog", 220)):

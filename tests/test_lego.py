@@ -280,7 +280,7 @@ def test_bad_input_is_one_clear_error(data, tmp_path):
     with pytest.raises(DeryError, match=r"outside \[0, 1\]"):
         Thresholds(conv_alpha=1.5)
     out = tmp_path / "c.pt"
-    for argv, what in ((["resnet", "--classes", "12", "-o", str(out)], "out of range"),
+    for argv, what in ((["resnet", "--classes", "30", "-o", str(out)], "out of range"),
                        (["resnet", "--classes", "1", "--linear-beta", "-0.1", "-o", str(out)], r"outside \[0, 1\]")):
         with pytest.raises(DeryError, match=what):
             cmd_disassemble(build_parser().parse_args(["disassemble", *argv]))

@@ -64,13 +64,12 @@ def test_two_gloo_processes_give_the_modules_of_one(two_procs, tmp_path):
 
 def test_incubated_checkpoint_loads_with_zoo_and_equals_the_assembly(two_procs):
     from dery.cache import Cache
-    from dery.data import load_data
-    from dery.zoo import load_member, parse_zoo
+    from dery.zoo import load_member, parse_zoo, zoo_data
 
     _, ckpt, _ = two_procs
     (spec,) = parse_zoo(str(ckpt))
-    assert spec.name == "vit-incubated"
-    data = load_data(None, 32)
+    assert spec.name == "vit-incubated" and spec.data == "glyphs"  # --data defaults to what it was trained on
+    data = zoo_data((spec,), cache=Cache())
     net = load_member(spec, data, Cache())
     report = json.loads(ckpt.with_suffix(".json").read_text())
     assert accuracy(net.module, data.images("test"), data.split("test").labels) == pytest.approx(
@@ -181,7 +180,7 @@ def test_an_assembly_incubates_as_its_blocks_and_stays_an_assembly(tiny, tmp_pat
     models = (joint.source,) * (joint.boundary + 1) + (joint.target,) * (k - joint.boundary - 1)
     assembly, module = assemble(tiny.lowered, tiny.partition, tiny.stitches, models)
     path = tmp_path / "asm.pt"
-    torch.save(assembly_checkpoint(tiny.lowered, assembly, module, tiny.data.classes), path)
+    torch.save(assembly_checkpoint(tiny.lowered, assembly, module, tiny.data), path)
     (spec,) = parse_zoo(str(path))
     net = load_member(spec, tiny.data, Cache())
     x, y = tiny.data.images("test"), tiny.data.split("test").labels

@@ -4,21 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 from dery.cache import Cache
-from dery.data import load_data
 from dery.evaluate import accuracy
-from dery.zoo import PRESETS, load_member, native_resolution, read_checkpoint, shipped_path, trained
+from dery.zoo import PRESETS, load_member, read_checkpoint, shipped_path, trained, zoo_data
 
 SPECS = PRESETS["default"]
 
 
 @pytest.fixture(scope="module")
 def data():
-    return load_data(None, native_resolution(SPECS))
+    return zoo_data(SPECS, cache=Cache())
 
 
 def test_the_default_zoo_loads_the_shipped_weights_and_trains_nothing(data, tmp_path) -> None:
     """Each member's weights are exactly its shipped checkpoint's, nothing is written to the cache, and each
-    member is trained: far above chance (10%) on the test split."""
+    member is trained: far above chance (1 in 26, 3.8%) on the test split."""
     cache = Cache(tmp_path)
     test_x, test_y = data.images("test"), data.split("test").labels
     for spec in SPECS:
@@ -26,13 +25,13 @@ def test_the_default_zoo_loads_the_shipped_weights_and_trains_nothing(data, tmp_
         shipped = read_checkpoint(shipped_path(spec, data))["state_dict"]
         mine = net.module.net.state_dict()
         assert mine.keys() == shipped.keys() and all(torch.equal(mine[k], shipped[k]) for k in mine), spec.name
-        assert accuracy(net.module, test_x, test_y) > 0.6, spec.name
+        assert accuracy(net.module, test_x, test_y) > 0.25, spec.name
     assert not any(tmp_path.rglob("*.pt"))
 
 
 def test_other_data_does_not_match_the_shipped_weights(data) -> None:
-    """The shipped file is keyed by the data as well as the recipe: another split seed names another file."""
-    other = load_data(None, native_resolution(SPECS), seed=1)
+    """The shipped file is keyed by the data as well as the recipe: another probe split names another file."""
+    other = zoo_data(SPECS, probe=128)
     assert all(shipped_path(s, data).is_file() and not shipped_path(s, other).exists() for s in SPECS)
 
 
