@@ -487,13 +487,17 @@ class Search:
         return self._proxy[models]
 
     def members(self, space: SearchSpace, exclude: list[tuple[str, ...]]) -> list[tuple[tuple[str, ...], Solution]]:
-        """Every zoo member, whole, that meets the limits: the re-ranking weighs each against the assemblies."""
+        """Every zoo member, whole, that meets the limits: the re-ranking weighs each against the assemblies.
+        A member's latency is its own end-to-end reading, the figure by which the report says it fits, not
+        the sum of its blocks."""
         from dery.passes.solve import assembly_ids
 
         out = []
         for m in self.s.partition.models:
             ids = tuple(assembly_ids((m,) * self.s.partition.k))
             objective, totals = space.problem.evaluate(ids)
+            if m in self.s.costs.networks:
+                totals = {**totals, "latency_ms": self.s.costs.networks[m].median_ms}
             if ids not in exclude and space.problem.meets_limits(totals):
                 out.append(((m,) * self.s.partition.k, Solution("optimal", ids, objective, totals)))
         return out

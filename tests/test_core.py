@@ -102,6 +102,9 @@ def test_glyphs_are_rendered_the_same_for_a_seed_cached_whole_and_split_without_
     seen = {s: {bytes(x.numpy()) for x in made.split(s).images} for s in ("train", "val", "test")}
     assert not (seen["train"] & seen["val"] or seen["train"] & seen["test"] or seen["val"] & seen["test"])
     assert all(set(made.split(s).labels.tolist()) == set(range(26)) for s in ("val", "test"))
+    head = list(made.batches("val", 7, limit=10))
+    assert [len(x) for x, _ in head] == [7, 3] and torch.equal(torch.cat([y for _, y in head]),
+                                                               made.split("val").labels[:10])
 
 
 def test_data_defaults_to_what_the_zoo_trains_on() -> None:

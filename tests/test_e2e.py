@@ -326,3 +326,20 @@ def test_pareto_sweep_and_stitch_refinement(tiny, budget, tmp_path) -> None:
     x, y = tiny.data.images("test"), tiny.data.split("test").labels
     got = np.concatenate([sess.run(None, {"x": x[i:i + 1].numpy()})[0] for i in range(len(x))])
     assert float((torch.from_numpy(got).argmax(1) == y).float().mean()) == pytest.approx(report["accuracy"], abs=1e-9)
+
+
+def test_a_member_that_fits_by_its_own_reading_is_weighed_whatever_its_blocks_sum_to(tiny, tmp_path) -> None:
+    """At a limit equal to a member's end-to-end reading, the member is a candidate at exactly that latency,
+    also where its blocks and joints sum to more: the report says it fits, so the answer must weigh it."""
+    from dery.driver import Search
+    from dery.passes.solve import assembly_ids
+
+    search = Search(tiny, tmp_path)
+    for m, rec in tiny.costs.networks.items():
+        space = search.space(rec.median_ms)
+        summed = space.problem.evaluate(tuple(assembly_ids((m,) * tiny.partition.k)))[1]["latency_ms"]
+        got = {models: sol for models, sol in search.members(space, [])}
+        assert got[(m,) * tiny.partition.k].totals["latency_ms"] == rec.median_ms, (m, summed)
+        slower = [n for n, r in tiny.costs.networks.items() if r.median_ms > rec.median_ms * 1.01]
+        assert not any((n,) * tiny.partition.k in got for n in slower)
+
