@@ -17,7 +17,8 @@ import onnx
 import torch
 import torch.nn as nn
 from dery.backends import availability, get_backend, sidecar_path
-from dery.cache import Cache, atomic_write, atomic_write_bytes, atomic_write_json, content_key, read_json
+from dery.cache import (Cache, atomic_write, atomic_write_bytes, atomic_write_json, content_key, ensure_dir,
+                        read_json)
 from dery.ir import utc_timestamp
 from dery.onnx_graph import INPUT, OUTPUT, export
 from dery.targets import Target
@@ -93,6 +94,7 @@ def cached_engine(module: nn.Module, input_shape: tuple[int, ...], target: Targe
         atomic_write(sidecar_path(stored), lambda p: shutil.copyfile(engine.sidecar, p))
         return engine
     side = read_json(sidecar_path(stored), "cached engine sidecar")
+    ensure_dir(out_dir, "engine directory")
     shutil.copyfile(stored, path)
     shutil.copyfile(sidecar_path(stored), sidecar_path(path))
     return Engine(path, sidecar_path(path), side["backend"], side["backend_version"], side["device"],

@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn as nn
 from dery.cache import Cache
 from dery.driver import CompileConfig, Search, run_compile
 from dery.passes.assemble import assemble
@@ -110,3 +111,24 @@ def test_a_repaired_compile_is_deterministic_and_weighs_every_member_after_the_s
     report = json.loads((tmp_path / "one" / "report.json").read_text())
     assert report["budget_used"] == pytest.approx(report["measured_latency_ms"] / budget)
     assert "Repair (`--finetune e2e`, 2 epochs" in (tmp_path / "one" / "report.md").read_text()
+
+
+def test_a_cached_engine_is_copied_into_a_directory_not_made_yet(tmp_path, monkeypatch) -> None:
+    """The second request for an engine copies the stored one, byte for byte, into a directory that nothing
+    has created yet (a search's work directory), and builds nothing."""
+    import dery.passes.compile
+    from dery.passes.compile import cached_engine
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    target, cache = get_target("cpu"), Cache(tmp_path / "cache")
+    first = cached_engine(module, (3, 8, 8), target, tmp_path / "a", "m", cache, "id-1")
+
+    def build(*args, **kwargs):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(dery.passes.compile, "compile_engine", build)
+    again = cached_engine(module, (3, 8, 8), target, tmp_path / "b" / "c", "m", cache, "id-1")
+    assert again.path == tmp_path / "b" / "c" / first.path.name
+    assert again.path.read_bytes() == first.path.read_bytes()
+
