@@ -110,8 +110,8 @@ def assembly_checkpoint(zoo: Sequence[Lowered], assembly: Assembly, module: Asse
     first = by_name[assembly.models[0]]
     return {"format": CHECKPOINT_FORMAT, "name": "+".join(assembly.models), "arch": ASSEMBLY_ARCH, "kwargs": [],
             "resolution": first.input_shape[-1], "num_classes": first.num_classes, "classes": list(data.classes),
-            "data": embedded_name(data), "class_index": list(range(len(data.classes))), "mean": [0.0] * first.input_shape[0],
-            "std": [1.0] * first.input_shape[0],
+            "data": embedded_name(data), "class_index": list(range(len(data.classes))),
+            "mean": [0.0] * first.input_shape[0], "std": [1.0] * first.input_shape[0],
             "assembly": {"members": {m: member_entry(by_name[m]) for m in dict.fromkeys(assembly.models)},
                          "models": list(assembly.models), "blocks": [[b.first, b.last] for b in assembly.blocks],
                          "stitches": [None if p is None else [p.src.name, p.dst.name]

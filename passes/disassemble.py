@@ -723,18 +723,18 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
         raise DeryError(f"-o {out}: directory {out.parent} does not exist; create it first", exit_code=USAGE)
     spec = resolve_member(args.model)
     resolution = spec.resolution or 224
-    fallback = default_data((spec,))
-    data = load_data(args.data, resolution, default=fallback, seed=args.seed, cache=Cache())
+    fallback, cache = default_data((spec,)), Cache()
+    data = load_data(args.data, resolution, default=fallback, seed=args.seed, cache=cache)
     names = member_class_names(spec, data)
     if names is None:
         raise DeryError(f"{args.model}: the checkpoint records no class names, so --classes cannot be matched to "
                         f"its outputs; use a checkpoint dery wrote or a member dery trains on the data",
                         exit_code=USAGE)
     classes = parse_classes(args.classes, names)
-    net = load_member(spec, data, Cache())
+    net = load_member(spec, data, cache)
     if input_shape(spec, net.module.net)[-1] != data.resolution:
         data = load_data(args.data, input_shape(spec, net.module.net)[-1], default=fallback, seed=args.seed,
-                         cache=Cache())
+                         cache=cache)
     if net.num_classes != len(names):
         raise DeryError(f"{args.model} has {net.num_classes} outputs but {len(names)} class names; its classes "
                         f"cannot be matched", exit_code=USAGE)

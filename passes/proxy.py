@@ -112,8 +112,9 @@ def switch_accuracies(zoo: Sequence[Lowered], partition: Partition, stitches: St
                       cache: Cache, switches_too: bool = True, repaired: tuple[str, int] | None = None,
                       seed: int = 0) -> tuple[dict[tuple[str, str, int], float], dict[str, float], str]:
     """Val accuracy (on the first `defaults.TERM_IMAGES` val images) of every zoo member and, with
-    `switches_too`, of every single-switch (two-piece) assembly (cached): a forward pass per stitch, which only the pairwise predictors read. With
-    `repaired` = (kind, epochs), each is scored after that repair (dery.passes.repair) instead of as it is."""
+    `switches_too`, of every single-switch (two-piece) assembly (cached): a forward pass per stitch, which
+    only the pairwise predictors read. With `repaired` = (kind, epochs), each is scored after that repair
+    (dery.passes.repair) instead of as it is."""
     from dery.passes.repair import repair
 
     nets = [lw.network for lw in zoo]

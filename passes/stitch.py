@@ -352,11 +352,15 @@ def _train(module: nn.Module, params: Sequence[nn.Parameter], data: Dataset, lab
     images = data.images("train")
     if labels.shape[0] != images.shape[0]:
         raise DeryError(f"{label}: {labels.shape[0]} labels for {images.shape[0]} train images")
-    some = slice(0, defaults.LOSS_IMAGES)
-    before = mean_loss(module.eval(), images[some], labels[some])
+    before = _train_loss(module, data, labels)
     out = fit(module, params, images, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, batch=batch,
               seed=seed, schedule="cosine", train_mode=train_mode, label=label)
-    return {"loss_before": before, "loss_after": mean_loss(module, images[some], labels[some]), **out}
+    return {"loss_before": before, "loss_after": _train_loss(module, data, labels), **out}
+
+
+def _train_loss(module: nn.Module, data: Dataset, labels: torch.Tensor) -> float:
+    """The eval-mode loss over the first `defaults.LOSS_IMAGES` train images."""
+    return mean_loss(module.eval(), data.images("train", defaults.LOSS_IMAGES), labels[:defaults.LOSS_IMAGES])
 
 
 def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epochs: int, *, lr: float = 1e-2,
@@ -378,7 +382,7 @@ def refine_stitches(module: Assembled, data: Dataset, labels: torch.Tensor, epoc
             module.parts[i] = copy.deepcopy(part)
     params = [p for part in module.parts if isinstance(part, StitchModule) for p in part.parameters()]
     if not params:
-        loss = mean_loss(module.eval(), data.images("train", defaults.LOSS_IMAGES), labels[:defaults.LOSS_IMAGES])
+        loss = _train_loss(module, data, labels)
         return {"loss_before": loss, "loss_after": loss, "epochs": 0, "steps": 0, "trained_params": 0, "kept": False}
     fitted = [p.detach().clone() for p in params]
     out = _train(module, params, data, labels, epochs, lr, weight_decay, batch, seed, train_mode=False,

@@ -45,14 +45,15 @@ non_negative = _argument(float, lambda v: 0 <= v < float("inf"), "a finite numbe
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help=f"data to probe, train and evaluate on: an embedded set ({', '.join(defaults.EMBEDDED_DATA)}; "
-                                  "generated, nothing downloaded) or an ImageFolder directory (default: the set the "
-                                  "zoo's embedded members train on, glyphs for the default zoo; digits otherwise)")
+    embedded = ", ".join(defaults.EMBEDDED_DATA)
+    p.add_argument("--data", help=f"data to probe, train and evaluate on: an embedded set ({embedded}; generated, "
+                                  "nothing downloaded) or an ImageFolder directory (default: the set the zoo's "
+                                  "members were trained on, glyphs for the default zoo; digits otherwise)")
 
 
 def _zoo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zoo", help="comma-separated zoo: a preset (default), timm names (pretrained), NAME:random, "
-                                 "NAME=CHECKPOINT or a dery checkpoint file (default: the embedded digits zoo)")
+                                 "NAME=CHECKPOINT or a dery checkpoint file (default: the embedded zoo)")
     _data_arg(p)
     p.add_argument("--k", type=positive_int, default=defaults.K,
                    help=f"blocks per network = equivalence sets (default {defaults.K})")

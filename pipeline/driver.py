@@ -496,8 +496,7 @@ class Search:
         for m in self.s.partition.models:
             ids = tuple(assembly_ids((m,) * self.s.partition.k))
             objective, totals = space.problem.evaluate(ids)
-            if m in self.s.costs.networks:
-                totals = {**totals, "latency_ms": self.s.costs.networks[m].median_ms}
+            totals = {**totals, "latency_ms": self.s.costs.networks[m].median_ms}
             if ids not in exclude and space.problem.meets_limits(totals):
                 out.append(((m,) * self.s.partition.k, Solution("optimal", ids, objective, totals)))
         return out
