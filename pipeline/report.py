@@ -126,7 +126,7 @@ def _repair_lines(r: dict[str, Any]) -> list[str]:
         lines.append(f"The engine uses {100 * r['budget_used']:.0f}% of the budget.")
     if r["member"] is not None:
         lines.append(f"The best choice is a member: {r['member']} whole (no assembly of several members "
-                     f"scored higher on val).")
+                     f"scored higher on val); its latency is its end-to-end record, the figure in the zoo table.")
     return lines
 
 
@@ -179,7 +179,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Closed loop", "", "| round | limit (ms) | chosen | predicted (ms) | measured (ms) | within |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {x['round']} | {_fmt(x['limit_ms'])} | {' > '.join(x['chosen'])} | {_fmt(x['predicted_ms'])} | "
-              f"{_fmt(x['measured_ms'])} | {_yes(x['within_budget'])} |" for x in r["rounds"]]
+              f"{_fmt(x['measured_ms'])}{' (its record)' if x['reading'] == 'member record' else ''} | "
+              f"{_yes(x['within_budget'])} |" for x in r["rounds"]]
     if r.get("pareto"):
         lines += ["", "## Pareto sweep", "", "| budget (ms) | chosen | predicted (ms) | measured (ms) | accuracy |",
                   "|---|---|---|---|---|"]

@@ -79,7 +79,8 @@ def test_second_run_reuses_everything_and_gives_the_same_report(first, tiny, bud
 
     monkeypatch.setattr(dery.passes.compile, "compile_engine", build)  # the engine comes from the cache
     second = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, finetune="none"))
-    assert second["run"]["pieces_measured"] == 0 and set(second["run"]["timings_s"]) >= {"zoo", "solve", "verify"}
+    verified = {"verify"} if report["member"] is None else set()  # a member whole stands on its record
+    assert second["run"]["pieces_measured"] == 0 and set(second["run"]["timings_s"]) >= {"zoo", "solve", *verified}
     assert without_run(second) == without_run(report)
     assert without_run(json.loads((tmp_path / "report.json").read_bytes())) == without_run(report)
     for name in (report["engine"], report["engine"] + ".json", "report.md"):
@@ -343,3 +344,38 @@ def test_a_member_that_fits_by_its_own_reading_is_weighed_whatever_its_blocks_su
         slower = [n for n, r in tiny.costs.networks.items() if r.median_ms > rec.median_ms * 1.01]
         assert not any((n,) * tiny.partition.k in got for n in slower)
 
+
+
+def test_the_closed_loop_judges_a_member_whole_by_its_record_and_a_mix_by_its_engine(tiny, tmp_path,
+                                                                                      monkeypatch) -> None:
+    """A member whole is the graph its end-to-end record timed: at a budget equal to that record it fits, however
+    slow a second reading of its engine would be. A mix is measured as an engine."""
+    from dataclasses import replace
+
+    import dery.passes.verify as verify
+    from dery.driver import Search
+    from dery.passes.solve import assembly_ids
+    from dery.problem import Solution
+
+    real, readings = verify.measure_engine, []
+
+    def disturbed(*args, **kwargs):
+        t = real(*args, **kwargs)
+        readings.append(t.median_ms)
+        return replace(t, median_ms=2 * t.median_ms)
+
+    monkeypatch.setattr(verify, "measure_engine", disturbed)
+    search, k = Search(tiny, tmp_path), tiny.partition.k
+    m, rec = min(tiny.costs.networks.items(), key=lambda kv: kv[1].median_ms)
+    lone = dict(search.members(search.space(rec.median_ms), []))[(m,) * k]
+    got = search.realise((m,) * k, lone, 0.0, "lone")
+    row = got.round_json(0, rec.median_ms, rec.median_ms)
+    assert (got.measured_ms, row["within_budget"], row["reading"], readings) == (rec.median_ms, True,
+                                                                                 "member record", [])
+    other = next(n for n in tiny.partition.models if n != m)
+    mix = (m,) * (k - 1) + (other,)
+    ids = tuple(assembly_ids(mix))
+    objective, totals = search.space(1e9).problem.evaluate(ids)
+    got = search.realise(mix, Solution("optimal", ids, objective, totals), 0.0, "mix")
+    assert len(readings) == 1 and got.measured_ms == 2 * readings[0]
+    assert got.round_json(0, 1.0, 1.0)["reading"] == "engine"

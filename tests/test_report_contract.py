@@ -21,7 +21,8 @@ MEMBER = {"model": str, "arch": str, "component_of": (str, NULL), "latency_ms": 
           "params": int, "flops": int,
           "estimated": bool, "fits": bool, "accuracy": (float, NULL), "accuracy_repaired": (float, NULL)}
 ROUND = {"round": int, "limit_ms": NUM, "chosen": list, "predicted_ms": NUM, "measured_ms": (*NUM, NULL),
-         "p90_ms": (*NUM, NULL), "cv": (*NUM, NULL), "within_budget": (bool, NULL), "score": NUM, "proxy": NUM}
+         "p90_ms": (*NUM, NULL), "cv": (*NUM, NULL), "within_budget": (bool, NULL), "score": NUM, "proxy": NUM,
+         "reading": str}
 REPORT = {
     "schema": str, "dery_version": str, "status": str, "target": str, "backend": str, "backend_version": str,
     "device": (str, NULL), "precision": str, "batch": int, "input_shape": list, "budget_ms": NUM,
