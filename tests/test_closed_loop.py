@@ -14,6 +14,7 @@ from dery.cli import compile_main
 from dery.defaults import Profiling
 from dery.reference import reference_onnx
 from dery.targets import get_target
+from records import readings_over
 
 
 @pytest.fixture()
@@ -85,12 +86,9 @@ def test_a_reading_off_its_prediction_that_repeats_is_trusted(engine, isolated_c
 
 @pytest.mark.slow  # four closed-loop rounds of compile and measure (measured: 71 s on 2 cores)
 def test_an_engine_over_budget_in_every_round_exits_1_with_its_status(tiny, tmp_path, monkeypatch, capsys):
-    import dery.passes.verify as verify
-
     lat = sorted(r.median_ms for r in tiny.costs.networks.values())
     budget = (lat[0] + lat[-1]) / 2
-    real = verify.measure_engine
-    monkeypatch.setattr(verify, "measure_engine", lambda *a, **k: replace(real(*a, **k), median_ms=2 * budget))
+    readings_over(monkeypatch, lambda: 2 * budget)
     code = compile_main(["--target", "cpu", "--latency-ms", repr(budget), "--zoo", "tiny", "--k", "3",
                          "--max-rounds", "2", "--out", str(tmp_path)])
     out, err = capsys.readouterr()

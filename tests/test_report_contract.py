@@ -6,10 +6,10 @@ every round), and estimated (no device here).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 from dery.driver import CompileConfig, run_compile
+from records import readings_over
 
 NUM = (int, float)
 NULL = type(None)
@@ -95,16 +95,8 @@ def test_ok_report(tiny, budget, tmp_path) -> None:
 
 @pytest.mark.slow  # the default run stays under 5 minutes on 2 cores
 def test_over_budget_report(tiny, budget, tmp_path, monkeypatch) -> None:
-    import dery.passes.verify as verify
-
-    real = verify.measure_engine
     slow = iter([1.05, 1.02, 1.04])  # every round measures above the budget; the second is the fastest
-
-    def measured_slow(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return replace(t, median_ms=next(slow) * budget)
-
-    monkeypatch.setattr(verify, "measure_engine", measured_slow)
+    readings_over(monkeypatch, lambda: next(slow) * budget)
     report = run_compile(CompileConfig(target="cpu", latency_ms=budget, zoo="tiny", k=3, out=tmp_path, max_rounds=3))
     check(report, tiny)
     assert report["status"].startswith("over budget:")
