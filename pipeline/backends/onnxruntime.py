@@ -46,8 +46,9 @@ def engine_info() -> dict[str, str]:
     return {"cpu": cpu_name()}
 
 
-def session(model: bytes | str, target: Target, *, optimized_path: Path | None = None):
-    """An InferenceSession with dery's fixed threading; optionally writes the optimised model."""
+def session(model: bytes | str, target: Target, *, optimized_path: Path | None = None, level: str = "all"):
+    """An InferenceSession with dery's fixed threading, at graph optimisation `level` (ONNX Runtime's `basic`,
+    `extended`, `layout` or `all`); with `optimized_path`, at the portable `extended`, writing the result."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -59,7 +60,7 @@ def session(model: bytes | str, target: Target, *, optimized_path: Path | None =
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(optimized_path)
     else:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}")
     try:
         return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -67,7 +68,8 @@ def session(model: bytes | str, target: Target, *, optimized_path: Path | None =
         raise DeryError(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0][:300]}") from e
 
 
-def _step(sess, target: Target) -> Step:
+def bound_step(sess, target: Target) -> Step:
+    """One call of a session on seeded inputs of the target's batch, inputs and outputs bound once."""
     inp = sess.get_inputs()[0]
     shape = [target.batch if not isinstance(d, int) else d for d in inp.shape]
     shape[0] = target.batch
@@ -85,7 +87,7 @@ def _step(sess, target: Target) -> Step:
 
 def step(piece: Piece, target: Target) -> Step:
     """One call of the piece's ONNX graph on this CPU, inputs bound once."""
-    return _step(session(piece.onnx.SerializeToString(), target), target)
+    return bound_step(session(piece.onnx.SerializeToString(), target), target)
 
 
 def build_engine(model: onnx.ModelProto, module: nn.Module, input_shape: tuple[int, ...], path: Path,
@@ -121,4 +123,4 @@ def load_engine(path: Path, target: Target) -> _Runner:
 def engine_step(path: Path, target: Target) -> Step:
     """One end-to-end call of an engine file, inputs bound once."""
     _check(path)
-    return _step(session(str(path), target), target)
+    return bound_step(session(str(path), target), target)
