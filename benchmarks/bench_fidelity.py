@@ -1,6 +1,6 @@
 """Latency fidelity: predicted vs measured end-to-end latency of compiled engines on the cpu target.
 
-For each zoo (the default digits zoo, and a zoo of timm networks at 224 px with
+For each zoo (the default zoo, trained on the embedded glyphs, and a zoo of timm networks at 224 px with
 random weights) the real pipeline runs up to the calibrated search space; then
 50+ random assemblies that the calibration never saw are compiled into engines
 and measured end to end twice (the quicker reading counts: noise only slows
