@@ -3,7 +3,7 @@
     DERY_CACHE_DIR=/tmp/quality-cache /work/venv/bin/python benchmarks/bench_quality.py [--quick]
 
 One run writes benchmarks/results/quality.md and benchmarks/results/quality.json. On the
-default zoo (six members trained on digits, K = 4, target cpu) it builds assemblies with no
+default zoo (six members trained on the embedded glyphs, K = 4, target cpu) it builds assemblies with no
 training and measures their top-1 accuracy on the TEST split, which no predictor sees:
 (a) a validation set: the 6 pure members, every single-switch assembly (one stitch), and
     random multi-switch assemblies (two or more stitches, drawn with a fixed seed); on it
@@ -148,7 +148,8 @@ def repaired_study(s: Session, qualities: dict, multi: list[tuple[str, ...]], wo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20 multi-switch assemblies, no exhaustive pass")
+    parser.add_argument("--quick", action="store_true", help=f"{REPAIRED_MULTI} multi-switch assemblies, all "
+                        "repaired; no exhaustive pass, no budget study")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(SEED)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     test_images = s.data.images("test")
     unlimited = Search(s, workdir).problem(1e9)
     k, models = s.partition.k, s.partition.models
-    chosen = validation_set(models, k, 20 if args.quick else 200, np.random.default_rng(SEED))
+    chosen = validation_set(models, k, REPAIRED_MULTI if args.quick else 200, np.random.default_rng(SEED))
     space_keys = list(itertools.product(models, repeat=k)) if not args.quick else chosen
     in_validation = set(chosen)
     space: dict[tuple[str, ...], dict] = {}
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         exhaustive = {"all": score_rows(every, cheap),
                       "multi_switch": score_rows([r for r in every if r["switches"] >= 2], cheap)}
     study = budget_study(s, qualities, space, budgets, workdir) if not args.quick else None
-    multi_keys = [m for m in chosen if switches_of(m) >= 2][:10 if args.quick else REPAIRED_MULTI]
+    multi_keys = [m for m in chosen if switches_of(m) >= 2][:REPAIRED_MULTI]
     after_repair = repaired_study(s, qualities, multi_keys, workdir, terms_s["pairwise-repaired"])
     total = time.perf_counter() - started
     info = machine()
@@ -250,7 +251,8 @@ def markdown(doc: dict) -> list[str]:
           f"({info['torch_threads']} threads), Python {info['python']}. Mode: {doc['mode']}; seed {doc['seed']}; "
           f"total run {doc['total_s']:.0f} s.", "",
           f"Command: `{doc['command']}` (DERY_CACHE_DIR={os.environ.get('DERY_CACHE_DIR', '<default>')}).", "",
-          "Zoo: the default preset (six members trained on digits), K = 4, target cpu (ONNX Runtime). Splits: "
+          "Zoo: the default preset (six members trained on the embedded glyphs), K = 4, target cpu (ONNX "
+          "Runtime). Splits: "
           + ", ".join(f"{n} {v}" for n, v in doc["splits"].items())
           + f". Ground truth: top-1 accuracy on the test split ({doc['test_labels']}), no training of any "
           f"assembly. Predictors read val only ({doc['labels']}).", "",
