@@ -345,7 +345,6 @@ def test_a_member_that_fits_by_its_own_reading_is_weighed_whatever_its_blocks_su
         assert not any((n,) * tiny.partition.k in got for n in slower)
 
 
-
 def test_the_closed_loop_judges_a_member_whole_by_its_record_and_a_mix_by_its_engine(tiny, tmp_path,
                                                                                       monkeypatch) -> None:
     """A member whole is the graph its end-to-end record timed: at a budget equal to that record it fits, however

@@ -68,8 +68,7 @@ def session(model: bytes | str, target: Target, *, optimized_path: Path | None =
         raise DeryError(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0][:300]}") from e
 
 
-def bound_step(sess, target: Target) -> Step:
-    """One call of a session on seeded inputs of the target's batch, inputs and outputs bound once."""
+def _step(sess, target: Target) -> Step:
     inp = sess.get_inputs()[0]
     shape = [target.batch if not isinstance(d, int) else d for d in inp.shape]
     shape[0] = target.batch
@@ -85,9 +84,9 @@ def bound_step(sess, target: Target) -> Step:
     return step
 
 
-def step(piece: Piece, target: Target) -> Step:
-    """One call of the piece's ONNX graph on this CPU, inputs bound once."""
-    return bound_step(session(piece.onnx.SerializeToString(), target), target)
+def step(piece: Piece, target: Target, level: str = "all") -> Step:
+    """One call of the piece's ONNX graph on this CPU at optimisation `level` (see `session`), inputs bound once."""
+    return _step(session(piece.onnx.SerializeToString(), target, level=level), target)
 
 
 def build_engine(model: onnx.ModelProto, module: nn.Module, input_shape: tuple[int, ...], path: Path,
@@ -123,4 +122,4 @@ def load_engine(path: Path, target: Target) -> _Runner:
 def engine_step(path: Path, target: Target) -> Step:
     """One end-to-end call of an engine file, inputs bound once."""
     _check(path)
-    return bound_step(session(str(path), target), target)
+    return _step(session(str(path), target), target)
