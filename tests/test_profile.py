@@ -336,10 +336,13 @@ def test_calibration_points_of_the_zoo_are_stored_once(tiny) -> None:
     from dery.profile_store import group_of
 
     group = group_of(tiny.target, tiny.device)
+    first = calibrate(tiny.lowered, tiny.partition, tiny.stitches, tiny.profiler, tiny.target, tiny.store,
+                      assemblies=2)
     before = tiny.store.calibration_points(group)
-    assert len(before) >= len(tiny.lowered) + 1 and any(p.stitches > 0 for p in before)
-    cal = calibrate(tiny.lowered, tiny.partition, tiny.stitches, tiny.profiler, tiny.target, tiny.store)
-    assert tiny.store.calibration_points(group) == before and cal == tiny.calibration
+    assert len(before) >= len(tiny.lowered) + 2 and any(p.stitches > 0 for p in before)
+    again = calibrate(tiny.lowered, tiny.partition, tiny.stitches, tiny.profiler, tiny.target, tiny.store,
+                      assemblies=2)
+    assert tiny.store.calibration_points(group) == before and again == first
 
 
 def test_a_calibration_engine_read_far_off_its_sum_is_measured_again(tiny, tmp_path, monkeypatch) -> None:
@@ -352,7 +355,8 @@ def test_a_calibration_engine_read_far_off_its_sum_is_measured_again(tiny, tmp_p
     from dery.passes.verify import identity
     from dery.profile_store import group_of
 
-    odd = random_assemblies(tiny.partition, tiny.stitches, defaults.CALIBRATION_ASSEMBLIES, defaults.SEED)[0]
+    drawn = 3  # random assemblies besides the members (the default draws none)
+    odd = random_assemblies(tiny.partition, tiny.stitches, drawn, defaults.SEED)[0]
     fingerprint = tiny.profiler.assembly(odd).fingerprint
     readings: list[float] = []
     real = profile_pass.measure_pieces
@@ -372,10 +376,10 @@ def test_a_calibration_engine_read_far_off_its_sum_is_measured_again(tiny, tmp_p
         readings.clear()
         store = ProfileStore(Cache(tmp_path / str(off)), "cpu")
         fits[off] = calibrate(tiny.lowered, tiny.partition, tiny.stitches, tiny.profiler, tiny.target, store,
-                              settings=Profiling(calibration_off=off))
+                              assemblies=drawn, settings=Profiling(calibration_off=off))
         points = {p.assembly: p for p in store.calibration_points(group_of(tiny.target, tiny.device))}
         kept = points[identity(odd, tiny.partition, tiny.stitches, tiny.lowered)].measured_ms
-        assert len(points) == len(tiny.partition.models) + defaults.CALIBRATION_ASSEMBLIES
+        assert len(points) == len(tiny.partition.models) + drawn
         if off == float("inf"):
             assert len(readings) == 1 and kept == readings[0]
         else:
