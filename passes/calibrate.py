@@ -5,10 +5,11 @@ blocks and their stitch, and a triple for two adjacent boundaries), so block
 sums plus boundary sums already hold one call overhead and what fusion saves
 at each boundary. What is left - a whole
 engine's cache pressure, what a stitch costs beyond its joint - is measured
-here: every zoo member (no stitch) and a handful of seeded random assemblies
-(with stitches) are timed end to end together with the reference graph
-(dery.reference), each point is recorded next to the sums the program would
-predict it from, and
+here: every zoo member (no stitch), whose whole-network record the profile
+holds, and, when asked for, seeded random assemblies (with stitches; none by
+default: `defaults.CALIBRATION_ASSEMBLIES` says why) timed end to end
+together with the reference graph (dery.reference); each point is recorded
+next to the sums the program would predict it from, and
 `Calibration` is fitted to this zoo's points for the target, device and
 backend version. Points are stored with the profile, so they are never
 measured twice; other zoos' points serve only a device that is not here.
