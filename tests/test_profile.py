@@ -275,12 +275,14 @@ def test_interrupted_profiling_resumes_without_remeasuring(tiny, tmp_path, monke
     assert len(json.loads(store.path.read_text())["records"]) == 4
     calls.clear()
     monkeypatch.setattr(ob, "step", counted)
-    found, measured = ensure_records(items, target, ProfileStore(Cache(tmp_path), "cpu"), method=QUICK)
+    steady = Profiling(slow_retries=0)  # measuring a slow group again is tested on its own below
+    found, measured = ensure_records(items, target, ProfileStore(Cache(tmp_path), "cpu"), method=QUICK,
+                                     settings=steady)
     assert len(measured) == 2 and len(calls) == 2 and len(found) == 6
     stored = json.loads(store.path.read_text())["records"]
     assert len({(r["when"], r["reference_ms"]) for r in stored}) >= 2 and all(r["reference_ms"] > 0 for r in stored)
     calls.clear()
-    _, measured = ensure_records(items, target, ProfileStore(Cache(tmp_path), "cpu"), method=QUICK)
+    _, measured = ensure_records(items, target, ProfileStore(Cache(tmp_path), "cpu"), method=QUICK, settings=steady)
     assert measured == [] and calls == []
 
 
