@@ -45,6 +45,7 @@ def l2_bytes() -> int | None:
 def main() -> None:
     import onnxruntime
     from dery.backends import get_backend
+    from dery.defaults import Profiling
     from dery.driver import CompileConfig, front
     from dery.measure import Method
     from dery.passes.profile import pieces
@@ -72,8 +73,9 @@ def main() -> None:
                   alternating(m, j), backend.step(every["joint", m, m, j], s.target)]
     pace = s.store.pace(group_of(s.target, s.device))
     timings = []
-    for start in range(0, len(steps), 32):  # the profile's chunk, whole pairs at a time
-        group, _, _, _ = measure_referenced(steps[start:start + 32], backend.step(reference_piece(), s.target),
+    chunk = Profiling.chunk // 4 * 4  # about the profile's group size, a pair's four steps together
+    for start in range(0, len(steps), chunk):
+        group, _, _, _ = measure_referenced(steps[start:start + chunk], backend.step(reference_piece(), s.target),
                                             Method(), pace)
         timings += [t.median_ms for t in group]
 
