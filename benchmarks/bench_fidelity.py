@@ -124,7 +124,8 @@ def markdown(doc: dict) -> str:
              "Each assembly below was compiled into an engine and measured end to end; none of them was among "
              "the calibration points. *calibrated* is the latency the program constrains (the least-squares fit "
              "to the calibration engines where it predicts each of them, left out of it, better than the in-context "
-             "sum does, else the in-context sum); *least squares fit* is that fit kept always; *in context* adds the "
+             "sum does, else the in-context sum); *least squares fit* is the fit to the members and the 12 random "
+             "assemblies, kept always; *in context* adds the "
              "block medians, each boundary's joint less its two blocks and each pair of adjacent boundaries' "
              "context term (their triple less their joints, plus the middle block), with no fit; *joints only* "
              "leaves the context terms out; *block sum* adds the blocks timed alone and nothing else. Every latency, "
@@ -146,8 +147,8 @@ def markdown(doc: dict) -> str:
                          f"{e['p95_abs_pct']:.2f}% | {e['max_abs_pct']:.1f}% | {100 * e['within_5pct']:.0f}% | "
                          f"{100 * e['within_10pct']:.0f}% | {e['mean_signed_pct']:+.2f}% |")
     lines += ["", "Calibration from the members and the first n of the random assemblies only (the same seeded "
-                  "draw; 12 measured, fewer refitted), on the same held-out engines: what each calibration engine "
-                  "of the first run buys.", "",
+                  "draw; 12 measured, fewer refitted), on the same held-out engines: what random calibration engines "
+                  "buy (a compile draws `defaults.CALIBRATION_ASSEMBLIES` of them).", "",
               "| zoo | n | median abs err | p95 abs err | max | within +-5% | within +-10% | mean signed |",
               "|---|---|---|---|---|---|---|---|"]
     for z in doc["zoos"]:
